@@ -1,0 +1,137 @@
+"""Attend-and-Compare Module (ACM).
+
+Paper: "Learning Visual Context by Comparison", Minchul Kim, Jongchan Park, Seil Na, Chang Min Park,
+Donggeun Yoo, ECCV 2020 (https://arxiv.org/abs/2007.07506).
+
+For a feature map X (B x C x H x W) split into G channel groups:
+
+    mu = mean_HW(X)
+    K  = sum_n softmax_n(w_K^g . (X - mu)_n + b_K^g) (X - mu)_n      per group g, an attention-weighted mean
+    Q  = the same with w_Q, b_Q
+    P  = sigmoid(conv(relu(conv(mu))))                                grouped 1x1 convs, C -> C/r -> C
+    Y  = P * (X + (K - Q))
+    d  = sum_c K_c Q_c / C                                            the orthogonality term, per sample
+
+The authors' code (and this module) initialise every conv with kaiming_normal_(fan_out, relu) and zero
+bias, so ACM is not an identity at the start of training. Two identities are used: inside the softmax
+the bias and mu shift every logit of a group equally and cancel, so the logits are taken on X itself;
+and K - Q = sum_n a^K_n X_n - sum_n a^Q_n X_n, so mu cancels in Y (it still enters P and d).
+The bias is kept in the logits although it cancels, so that it takes part in autograd and DDP sees
+every parameter used.
+
+The pooling, softmax and P run in float32 whatever the input dtype (autocast included): under fp16
+the logits and the HW-long sums overflow or lose too much precision.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["AttendAndCompare", "ACM_VARIANTS"]
+
+# The four rows of the paper's Table 2(a): name -> (uses K, uses Q, uses P).
+ACM_VARIANTS = {
+    "full": (True, True, True),  # P(X + (K - Q)), the paper's ACM
+    "no_p": (True, True, False),  # X + (K - Q)
+    "p_only": (False, False, True),  # P X
+    "no_q": (True, False, True),  # P(X + K)
+}
+
+
+class AttendAndCompare(nn.Module):
+    """ACM for a C-channel feature map; returns a tensor of the input's shape and dtype.
+
+    Args:
+        channels: C, the number of input (and output) channels.
+        num_groups: G, attention heads for K and Q and groups of P's convs (paper: 32). C and
+            C // reduction must both be divisible by it.
+        reduction: P's hidden width is C // reduction (paper: 2).
+        variant: one of ACM_VARIANTS (paper's default "full").
+
+    In training mode, when the variant has both K and Q, forward stores the per-sample orthogonality
+    term d (float32, shape B) in `self.orth_term` for the model's loss to read; in eval mode it
+    computes nothing for the loss and `self.orth_term` is None.
+    """
+
+    def __init__(self, channels: int, num_groups: int = 32, reduction: int = 2, variant: str = "full"):
+        super().__init__()
+        if variant not in ACM_VARIANTS:
+            raise ValueError(f"ACM variant must be one of {sorted(ACM_VARIANTS)}, got {variant!r}")
+        if num_groups < 1 or channels % num_groups != 0:
+            raise ValueError(
+                f"ACM needs channels ({channels}) divisible by num_groups ({num_groups}); "
+                f"choose num_groups among the divisors of {channels}"
+            )
+        if reduction < 1 or channels % reduction != 0 or (channels // reduction) % num_groups != 0:
+            raise ValueError(
+                f"ACM needs channels // reduction ({channels} // {reduction}) to be a whole multiple "
+                f"of num_groups ({num_groups}); choose a reduction that divides {channels // num_groups}"
+            )
+        self.channels, self.num_groups, self.reduction, self.variant = channels, num_groups, reduction, variant
+        self.use_k, self.use_q, self.use_p = ACM_VARIANTS[variant]
+        # Parameter names mirror the roles (k/q logits, P's two convs); see
+        # acm_d2/checkpoint for the mapping to the authors' add_mod/sub_mod/mul_mod names.
+        self.k_logits = nn.Conv2d(channels, num_groups, 1, groups=num_groups) if self.use_k else None
+        self.q_logits = nn.Conv2d(channels, num_groups, 1, groups=num_groups) if self.use_q else None
+        hidden = channels // reduction
+        self.p_reduce = nn.Conv2d(channels, hidden, 1, groups=num_groups) if self.use_p else None
+        self.p_expand = nn.Conv2d(hidden, channels, 1, groups=num_groups) if self.use_p else None
+        self.orth_term: Optional[torch.Tensor] = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The authors' initialisation: kaiming normal (fan_out, relu) weights, zero biases."""
+        for conv in (self.k_logits, self.q_logits, self.p_reduce, self.p_expand):
+            if conv is not None:
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+
+    @property
+    def has_orth_term(self) -> bool:
+        return self.use_k and self.use_q
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, num_groups={self.num_groups}, reduction={self.reduction}, variant={self.variant!r}"
+
+    def _logit_convs(self):
+        return [conv for conv in (self.k_logits, self.q_logits) if conv is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if C != self.channels:
+            raise ValueError(f"ACM built for {self.channels} channels got an input with {C}")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            mu = x32.mean(dim=(2, 3))  # B x C
+            y = x32
+            pooled = None
+            convs = self._logit_convs()
+            if convs:
+                pooled = _attention_pool(x32, convs, self.num_groups)  # B x heads x C
+                k = pooled[:, 0] - mu
+                shift = k - (pooled[:, 1] - mu) if self.use_q else k
+                y = y + shift[:, :, None, None]
+            if self.use_p:
+                p = F.conv2d(mu[:, :, None, None], self.p_reduce.weight.float(), self.p_reduce.bias.float(), groups=self.num_groups)
+                p = F.conv2d(F.relu(p), self.p_expand.weight.float(), self.p_expand.bias.float(), groups=self.num_groups)
+                y = y * torch.sigmoid(p)
+            if self.training and self.has_orth_term:
+                self.orth_term = (k * (pooled[:, 1] - mu)).sum(dim=1) / C
+            else:
+                self.orth_term = None
+        return y.to(x.dtype)
+
+
+def _attention_pool(x: torch.Tensor, convs, num_groups: int) -> torch.Tensor:
+    """Attention-weighted means of x (B x C x H x W, float32), one head per conv and group.
+
+    Returns B x len(convs) x C: for conv j and channel c of group g, sum_n softmax_n(logits_jg) x_cn.
+    """
+    B, C, H, W = x.shape
+    xg = x.reshape(B, num_groups, C // num_groups, H * W)
+    weight = torch.stack([conv.weight.float().view(num_groups, C // num_groups) for conv in convs])  # J x G x C/G
+    bias = torch.stack([conv.bias.float() for conv in convs])  # J x G
+    logits = torch.einsum("bgcn,jgc->bjgn", xg, weight) + bias[None, :, :, None]
+    attn = logits.softmax(dim=-1)
+    return torch.einsum("bgcn,bjgn->bjgc", xg, attn).reshape(B, len(convs), C)

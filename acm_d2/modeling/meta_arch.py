@@ -1,0 +1,92 @@
+"""Meta-architectures that add ACM's orthogonal loss, `loss_acm_orth`, to a Detectron2 model's losses.
+
+One mixin serves every Detectron2 meta-architecture: `ACM<Name>` is `<Name>` plus the loss
+(ACMGeneralizedRCNN for Mask/Faster/Cascade R-CNN, ACMRetinaNet, ACMPanopticFPN, ...). Inference is
+the base class's, unchanged.
+"""
+import re
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, PanopticFPN, RetinaNet, SemanticSegmentor
+from detectron2.modeling.meta_arch import FCOS
+from torch import nn
+
+from ..config import validate_acm_config
+from ..layers.acm import AttendAndCompare
+
+__all__ = ["OrthogonalLoss", "ACMGeneralizedRCNN", "ACMRetinaNet", "ACMFCOS", "ACMPanopticFPN", "ACMSemanticSegmentor"]
+
+_LAST_STAGE = re.compile(r"(^|\.)res5\.")
+
+
+class OrthogonalLoss:
+    """lambda * the ACMs' orthogonality terms d = K.Q / C (each ACM stores d per sample in training).
+
+    mode "paper" (eq. 5-6): lambda * sum over ACMs m of |mean over the batch of d_m|.
+    mode "official" (the authors' COCO code): lambda * |mean over the batch of sum over the res5 ACMs of d_m|.
+    """
+
+    def __init__(self, model: nn.Module, weight: float, mode: str):
+        self.weight, self.mode = weight, mode
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, AttendAndCompare) and m.has_orth_term]
+        if mode == "official":
+            named = [(n, m) for n, m in named if _LAST_STAGE.search(n)]
+        # A plain list: the modules are the model's own, not extra submodules.
+        self.modules: List[Tuple[str, AttendAndCompare]] = named
+
+    def __call__(self) -> Dict[str, torch.Tensor]:
+        terms = []
+        for name, module in self.modules:
+            if module.orth_term is None:
+                raise RuntimeError(f"ACM {name} has no orthogonality term: was the model run in training mode?")
+            terms.append(module.orth_term)
+            module.orth_term = None  # release the graph it holds
+        if not terms:
+            return {}
+        d = torch.stack(terms)  # modules x batch
+        if self.mode == "paper":
+            loss = d.mean(dim=1).abs().sum()
+        else:
+            loss = d.sum(dim=0).mean().abs()
+        return {"loss_acm_orth": self.weight * loss}
+
+
+class _OrthLossMixin:
+    @configurable
+    def __init__(self, *, orth_loss_weight: float, orth_loss_mode: str, **kwargs):
+        """
+        Args:
+            orth_loss_weight, orth_loss_mode: see OrthogonalLoss.
+            kwargs: the base meta-architecture's arguments.
+        """
+        super().__init__(**kwargs)
+        self.orth_loss = OrthogonalLoss(self, orth_loss_weight, orth_loss_mode)
+
+    @classmethod
+    def from_config(cls, cfg):
+        validate_acm_config(cfg)
+        ret = super().from_config(cfg)
+        ret.update(orth_loss_weight=cfg.MODEL.ACM.ORTH_LOSS_WEIGHT, orth_loss_mode=cfg.MODEL.ACM.ORTH_LOSS_MODE)
+        return ret
+
+    def forward(self, batched_inputs):
+        out = super().forward(batched_inputs)
+        if self.training:
+            out.update(self.orth_loss())
+        return out
+
+
+def with_orth_loss(base: type) -> type:
+    """Register and return `ACM<base>`: the meta-architecture `base` with `loss_acm_orth` in training."""
+    cls = type(f"ACM{base.__name__}", (_OrthLossMixin, base), {"__module__": __name__})
+    cls.__doc__ = f"Detectron2's {base.__name__} plus ACM's orthogonal loss (`loss_acm_orth`) in training."
+    return META_ARCH_REGISTRY.register(cls)
+
+
+ACMGeneralizedRCNN = with_orth_loss(GeneralizedRCNN)
+ACMRetinaNet = with_orth_loss(RetinaNet)
+ACMFCOS = with_orth_loss(FCOS)
+ACMPanopticFPN = with_orth_loss(PanopticFPN)
+ACMSemanticSegmentor = with_orth_loss(SemanticSegmentor)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs detectron2 into the given Python only when `import detectron2` fails.
+# PyPI has no official detectron2; the fallback is the pinned sal-detectron2==0.7.2 wheel
+# (upstream facebookresearch/detectron2 a59f0563 plus a Python 3.11 fix, see README), checked by sha256
+# and repacked as a pure-Python wheel: its compiled _C is for CPython 3.10 only and its stray
+# top-level `tools` package would shadow ours. Without _C, torchvision supplies NMS and ROIAlign.
+set -euo pipefail
+PY=${1:?usage: install_detectron2.sh PYTHON}
+if "$PY" -c "import detectron2" 2>/dev/null; then
+  echo "detectron2 already importable: keeping it"; exit 0
+fi
+SHA=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
+WHEEL=sal_detectron2-0.7.2-cp310-none-any.whl
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.10 -d "$work/dl" sal-detectron2==0.7.2
+got=$(sha256sum "$work/dl/$WHEEL" | cut -d' ' -f1)
+if [ "$got" != "$SHA" ]; then
+  echo "error: $WHEEL has sha256 $got, expected $SHA; refusing to install it" >&2; exit 1
+fi
+"$PY" -m wheel unpack -d "$work/u" "$work/dl/$WHEEL" >/dev/null
+root="$work/u/sal_detectron2-0.7.2"
+rm -rf "$root/tools" "$root"/detectron2/_C*.so
+dist="$root/sal_detectron2-0.7.2.dist-info"
+sed -i -e 's/^Root-Is-Purelib: .*/Root-Is-Purelib: true/' -e 's/^Tag: .*/Tag: py3-none-any/' "$dist/WHEEL"
+sed -i -e '/^tools\//d' -e '/detectron2\/_C.*\.so/d' "$dist/RECORD"
+mkdir -p "$work/out"
+"$PY" -m wheel pack -d "$work/out" "$root" >/dev/null
+"$PY" -m pip install -q --no-deps "$work"/out/*.whl
+"$PY" -c "import detectron2; print('installed detectron2', detectron2.__version__)"

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="acm_d2",
+    version="0.1.0",
+    description="Attend-and-Compare Module (ACM, ECCV 2020) for Detectron2",
+    packages=find_packages(include=["acm_d2", "acm_d2.*"]),
+    python_requires=">=3.9",
+    # detectron2 is not on PyPI: `make venv` installs it (scripts/install_detectron2.sh) when missing.
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "fvcore>=0.1.5.post20221221",
+        "iopath>=0.1.7,<0.1.11",
+        "pycocotools>=2.0.2",
+        "opencv-python-headless>=4.5",
+        "omegaconf>=2.1,<2.4",
+        "hydra-core>=1.1",
+        "yacs>=0.1.8",
+        "termcolor>=1.1",
+        "tabulate",
+        "cloudpickle",
+        "matplotlib",
+        "Pillow>=7.1",
+        "tqdm>4.29.0",
+        "numpy",
+        "setuptools<81",  # detectron2.model_zoo imports pkg_resources
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
