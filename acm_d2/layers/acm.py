@@ -19,8 +19,8 @@ and K - Q = sum_n a^K_n X_n - sum_n a^Q_n X_n, so mu cancels in Y (it still ente
 The bias is kept in the logits although it cancels, so that it takes part in autograd and DDP sees
 every parameter used.
 
-The pooling, softmax and P run in float32 whatever the input dtype (autocast included): under fp16
-the logits and the HW-long sums overflow or lose too much precision.
+The pooling, softmax and P run in float32 for half-precision inputs (autocast included; float64 stays
+float64): under fp16 the logits and the HW-long sums overflow or lose too much precision.
 """
 from typing import Optional
 
@@ -101,37 +101,42 @@ class AttendAndCompare(nn.Module):
         B, C, H, W = x.shape
         if C != self.channels:
             raise ValueError(f"ACM built for {self.channels} channels got an input with {C}")
+        in_dtype = x.dtype
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
-            mu = x32.mean(dim=(2, 3))  # B x C
-            y = x32
-            pooled = None
+            x = x.to(dtype)
+            mu = x.mean(dim=(2, 3))  # B x C
+            y = x
             convs = self._logit_convs()
             if convs:
-                pooled = _attention_pool(x32, convs, self.num_groups)  # B x heads x C
+                pooled = _attention_pool(x, convs, self.num_groups)  # B x heads x C
                 k = pooled[:, 0] - mu
                 shift = k - (pooled[:, 1] - mu) if self.use_q else k
                 y = y + shift[:, :, None, None]
             if self.use_p:
-                p = F.conv2d(mu[:, :, None, None], self.p_reduce.weight.float(), self.p_reduce.bias.float(), groups=self.num_groups)
-                p = F.conv2d(F.relu(p), self.p_expand.weight.float(), self.p_expand.bias.float(), groups=self.num_groups)
+                p = _conv1x1(mu[:, :, None, None], self.p_reduce, dtype)
+                p = _conv1x1(F.relu(p), self.p_expand, dtype)
                 y = y * torch.sigmoid(p)
             if self.training and self.has_orth_term:
                 self.orth_term = (k * (pooled[:, 1] - mu)).sum(dim=1) / C
             else:
                 self.orth_term = None
-        return y.to(x.dtype)
+        return y.to(in_dtype)
+
+
+def _conv1x1(x: torch.Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+    return F.conv2d(x, conv.weight.to(dtype), conv.bias.to(dtype), groups=conv.groups)
 
 
 def _attention_pool(x: torch.Tensor, convs, num_groups: int) -> torch.Tensor:
-    """Attention-weighted means of x (B x C x H x W, float32), one head per conv and group.
+    """Attention-weighted means of x (B x C x H x W, float32 or 64), one head per conv and group.
 
     Returns B x len(convs) x C: for conv j and channel c of group g, sum_n softmax_n(logits_jg) x_cn.
     """
     B, C, H, W = x.shape
     xg = x.reshape(B, num_groups, C // num_groups, H * W)
-    weight = torch.stack([conv.weight.float().view(num_groups, C // num_groups) for conv in convs])  # J x G x C/G
-    bias = torch.stack([conv.bias.float() for conv in convs])  # J x G
+    weight = torch.stack([conv.weight.to(x.dtype).view(num_groups, C // num_groups) for conv in convs])  # J x G x C/G
+    bias = torch.stack([conv.bias.to(x.dtype) for conv in convs])  # J x G
     logits = torch.einsum("bgcn,jgc->bjgn", xg, weight) + bias[None, :, :, None]
     attn = logits.softmax(dim=-1)
     return torch.einsum("bgcn,bjgn->bjgc", xg, attn).reshape(B, len(convs), C)

@@ -1,0 +1,28 @@
+"""Registering COCO-format datasets given on the command line (`--coco-dataset NAME JSON IMAGE_ROOT`)."""
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+__all__ = ["register_coco_dataset"]
+
+
+def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
+    """Register a COCO-format instance dataset under `name` (for DATASETS.TRAIN / DATASETS.TEST).
+
+    Registering the same name with the same files again is a no-op (DDP workers re-run it); a name
+    already taken by other files, or a missing file or folder, is a ValueError that says which.
+    """
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"--coco-dataset {name}: annotation file {json_file!r} does not exist")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"--coco-dataset {name}: image folder {image_root!r} does not exist")
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
+            return
+        raise ValueError(
+            f"--coco-dataset {name}: the name is already registered (to {meta.get('json_file')!r}); pick another name"
+        )
+    register_coco_instances(name, {}, json_file, image_root)

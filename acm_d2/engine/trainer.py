@@ -1,0 +1,44 @@
+"""The acm_d2 Trainer: Detectron2's DefaultTrainer with COCO evaluation and multi-process CPU training."""
+import logging
+import os
+import weakref
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+__all__ = ["Trainer"]
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer whose evaluator is COCOEvaluator (bbox, and segm with masks) and whose DDP wrapper
+    also works for CPU models: PyTorch refuses `device_ids` for a module on the CPU (gloo)."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ with one change, the device_ids given to create_ddp_model.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(
+            model, broadcast_buffers=False, device_ids=None if on_cpu else [comm.get_local_rank()]
+        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
