@@ -23,6 +23,7 @@ setup(
         "matplotlib",
         "Pillow>=7.1",
         "tqdm>4.29.0",
+        "tensorboard",  # DefaultTrainer writes TensorBoard event files
         "numpy",
         "setuptools<81",  # detectron2.model_zoo imports pkg_resources
     ],
