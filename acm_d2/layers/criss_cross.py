@@ -26,6 +26,8 @@ included); the 1x1 convs follow autocast. The parameters are expected in float32
 import torch
 from torch import nn
 
+from ._precision import at_least_float32
+
 __all__ = ["CrissCrossAttention", "criss_cross_weights"]
 
 
@@ -91,8 +93,8 @@ class CrissCrossAttention(nn.Module):
         H = x.shape[2]
         query, key, value = self.query(x), self.key(x), self.value(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            weights = criss_cross_weights(query.float(), key.float())
-            value = value.float()
+            weights = criss_cross_weights(at_least_float32(query), at_least_float32(key))
+            value = at_least_float32(value)
             from_column = torch.einsum("bhwi,bciw->bchw", weights[..., :H], value)
             from_row = torch.einsum("bhwj,bchj->bchw", weights[..., H:], value)
             attended = self.gamma * (from_column + from_row)

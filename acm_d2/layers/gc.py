@@ -20,6 +20,8 @@ expected in float32, as autocast keeps them.
 import torch
 from torch import nn
 
+from ._precision import at_least_float32
+
 __all__ = ["GlobalContext"]
 
 
@@ -69,9 +71,9 @@ class GlobalContext(nn.Module):
         if C != self.channels:
             raise ValueError(f"GlobalContext built for {self.channels} channels got an input with {C}")
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
-            logits = self.attention_logits(x32).view(B, H * W)
+            features = at_least_float32(x)
+            logits = self.attention_logits(features).view(B, H * W)
             attention = logits.softmax(dim=1)
-            context = torch.einsum("bcn,bn->bc", x32.view(B, C, H * W), attention)
+            context = torch.einsum("bcn,bn->bc", features.view(B, C, H * W), attention)
             added = self.transform(context.view(B, C, 1, 1))
         return x + added.to(x.dtype)

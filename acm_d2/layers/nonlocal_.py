@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._precision import at_least_float32
+
 __all__ = ["NonLocal2d"]
 
 
@@ -75,9 +77,9 @@ class NonLocal2d(nn.Module):
             phi, g = F.max_pool2d(phi, 2), F.max_pool2d(g, 2)
         embed = theta.shape[1]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            queries = theta.float().flatten(2).transpose(1, 2)  # B x N x embed
-            keys = phi.float().flatten(2)  # B x embed x M
-            values = g.float().flatten(2).transpose(1, 2)  # B x M x embed
+            queries = at_least_float32(theta).flatten(2).transpose(1, 2)  # B x N x embed
+            keys = at_least_float32(phi).flatten(2)  # B x embed x M
+            values = at_least_float32(g).flatten(2).transpose(1, 2)  # B x M x embed
             attention = torch.bmm(queries, keys).mul_(embed**-0.5).softmax(dim=-1)  # B x N x M
             z = torch.bmm(attention, values).transpose(1, 2).reshape(B, embed, H, W)
         return x + self.out(z.to(theta.dtype))
