@@ -83,7 +83,7 @@ def reference_nl(module, x):
     wp, bp = _matrix(module.phi)
     wg, bg = _matrix(module.g)
     wo, bo = _matrix(module.out)
-    B, C, H, W = x.shape
+    B, _, H, W = x.shape
     d = wt.shape[0]
     out = torch.empty_like(x)
     for b in range(B):
@@ -121,10 +121,9 @@ def reference_cc(module, x):
     wq, bq = _matrix(module.query)
     wk, bk = _matrix(module.key)
     wv, bv = _matrix(module.value)
-    B, C, H, W = x.shape
     for _ in range(module.recurrence):
         new = torch.empty_like(x)
-        for b in range(B):
+        for b in range(x.shape[0]):
             project = lambda w, bias: torch.einsum("dc,chw->dhw", w, x[b]) + bias[:, None, None]  # noqa: E731
             query, key, value = project(wq, bq), project(wk, bk), project(wv, bv)
             for (h, w), pairs in reference_cc_weights(query, key).items():
@@ -298,7 +297,7 @@ def test_softmax_runs_in_float32_under_autocast(name):
         (lambda: GlobalContext(8, ratio=1 / 16), r"int\(channels \* ratio\) >= 1"),
         (lambda: NonLocal2d(1, reduction=2), r"NonLocal2d needs 1 <= reduction <= channels \(1\)"),
         (lambda: NonLocal2d(0), "NonLocal2d needs channels >= 1"),
-        (lambda: CrissCrossAttention(4), r"Q and K have channels // reduction >= 1 channels, got reduction=8"),
+        (lambda: CrissCrossAttention(4), r"the width of Q and K \(channels // reduction\) is at least 1, got reduction=8"),
         (lambda: CrissCrossAttention(16, recurrence=0), r"recurrence >= 1 \(paper: 2\), got 0"),
         (lambda: CrissCrossAttention(0), "CrissCrossAttention needs channels >= 1"),
     ],

@@ -26,6 +26,7 @@ included); the 1x1 convs follow autocast. The parameters are expected in float32
 import torch
 from torch import nn
 
+from ._checks import check_input_channels, reduced_width
 from ._precision import at_least_float32
 
 __all__ = ["CrissCrossAttention", "criss_cross_weights"]
@@ -38,7 +39,7 @@ def criss_cross_weights(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     i = H + j it weights position (h, j) of the row. The column entry i = h (the position itself,
     already in the row part) is exactly 0, so each position spreads weight 1 over H + W - 1 positions.
     """
-    B, _, H, W = query.shape
+    H = query.shape[2]
     column_energy = torch.einsum("bdhw,bdiw->bhwi", query, key)  # B x H x W x H
     row_energy = torch.einsum("bdhw,bdhj->bhwj", query, key)  # B x H x W x W
     self_in_column = torch.eye(H, dtype=torch.bool, device=query.device).view(1, H, 1, H)
@@ -57,18 +58,12 @@ class CrissCrossAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2):
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"CrissCrossAttention needs channels >= 1, got {channels}")
-        if reduction < 1 or channels // reduction < 1:
-            raise ValueError(
-                f"CrissCrossAttention needs 1 <= reduction <= channels ({channels}) so that Q and K have "
-                f"channels // reduction >= 1 channels, got reduction={reduction}"
-            )
+        query_width = reduced_width("CrissCrossAttention", channels, reduction, "the width of Q and K")
         if recurrence < 1:
             raise ValueError(f"CrissCrossAttention needs recurrence >= 1 (paper: 2), got {recurrence}")
         self.channels, self.reduction, self.recurrence = channels, reduction, recurrence
-        self.query = nn.Conv2d(channels, channels // reduction, 1)
-        self.key = nn.Conv2d(channels, channels // reduction, 1)
+        self.query = nn.Conv2d(channels, query_width, 1)
+        self.key = nn.Conv2d(channels, query_width, 1)
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
         self.reset_parameters()
@@ -83,8 +78,7 @@ class CrissCrossAttention(nn.Module):
         return f"channels={self.channels}, reduction={self.reduction}, recurrence={self.recurrence}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.channels:
-            raise ValueError(f"CrissCrossAttention built for {self.channels} channels got an input with {x.shape[1]}")
+        check_input_channels("CrissCrossAttention", self.channels, x)
         for _ in range(self.recurrence):
             x = self._attend(x)
         return x

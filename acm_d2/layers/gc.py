@@ -20,6 +20,7 @@ expected in float32, as autocast keeps them.
 import torch
 from torch import nn
 
+from ._checks import check_input_channels
 from ._precision import at_least_float32
 
 __all__ = ["GlobalContext"]
@@ -67,9 +68,8 @@ class GlobalContext(nn.Module):
         return f"channels={self.channels}, ratio={self.ratio}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_channels("GlobalContext", self.channels, x)
         B, C, H, W = x.shape
-        if C != self.channels:
-            raise ValueError(f"GlobalContext built for {self.channels} channels got an input with {C}")
         with torch.autocast(device_type=x.device.type, enabled=False):
             features = at_least_float32(x)
             logits = self.attention_logits(features).view(B, H * W)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._checks import check_input_channels, reduced_width
 from ._precision import at_least_float32
 
 __all__ = ["NonLocal2d"]
@@ -42,15 +43,8 @@ class NonLocal2d(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 2, sub_sample: bool = False):
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"NonLocal2d needs channels >= 1, got {channels}")
-        if reduction < 1 or channels // reduction < 1:
-            raise ValueError(
-                f"NonLocal2d needs 1 <= reduction <= channels ({channels}) so that the embedding width "
-                f"channels // reduction is at least 1, got reduction={reduction}"
-            )
+        embed = reduced_width("NonLocal2d", channels, reduction, "the embedding width")
         self.channels, self.reduction, self.sub_sample = channels, reduction, sub_sample
-        embed = channels // reduction
         self.theta = nn.Conv2d(channels, embed, 1)
         self.phi = nn.Conv2d(channels, embed, 1)
         self.g = nn.Conv2d(channels, embed, 1)
@@ -69,9 +63,8 @@ class NonLocal2d(nn.Module):
         return f"channels={self.channels}, reduction={self.reduction}, sub_sample={self.sub_sample}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        if C != self.channels:
-            raise ValueError(f"NonLocal2d built for {self.channels} channels got an input with {C}")
+        check_input_channels("NonLocal2d", self.channels, x)
+        B, _, H, W = x.shape
         theta, phi, g = self.theta(x), self.phi(x), self.g(x)
         if self.sub_sample:
             phi, g = F.max_pool2d(phi, 2), F.max_pool2d(g, 2)

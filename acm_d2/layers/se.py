@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._checks import check_input_channels, reduced_width
+
 __all__ = ["SqueezeExcite"]
 
 
@@ -29,15 +31,8 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"SqueezeExcite needs channels >= 1, got {channels}")
-        if reduction < 1 or channels // reduction < 1:
-            raise ValueError(
-                f"SqueezeExcite needs 1 <= reduction <= channels ({channels}) so that the hidden width "
-                f"channels // reduction is at least 1, got reduction={reduction}"
-            )
+        hidden = reduced_width("SqueezeExcite", channels, reduction, "the hidden width")
         self.channels, self.reduction = channels, reduction
-        hidden = channels // reduction
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, channels, 1)
         self.reset_parameters()
@@ -52,8 +47,7 @@ class SqueezeExcite(nn.Module):
         return f"channels={self.channels}, reduction={self.reduction}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.channels:
-            raise ValueError(f"SqueezeExcite built for {self.channels} channels got an input with {x.shape[1]}")
+        check_input_channels("SqueezeExcite", self.channels, x)
         squeezed = x.mean(dim=(2, 3), keepdim=True)
         scale = torch.sigmoid(self.fc2(F.relu(self.fc1(squeezed))))
         return x * scale

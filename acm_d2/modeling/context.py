@@ -45,40 +45,27 @@ def ACM(cfg, stage, block_index, num_blocks, channels):
     return AttendAndCompare(channels, num_groups=acm.NUM_GROUPS, reduction=acm.REDUCTION, variant=acm.VARIANT)
 
 
-@CONTEXT_MODULE_REGISTRY.register()
-def SE(cfg, stage, block_index, num_blocks, channels):
-    """Squeeze-and-excitation in the blocks chosen by cfg.MODEL.SE.STAGES and BLOCKS."""
-    se = cfg.MODEL.SE
-    if not is_block_selected("MODEL.SE", se.STAGES, se.BLOCKS, stage, block_index, num_blocks):
-        return None
-    return SqueezeExcite(channels, reduction=se.REDUCTION)
+def _register_placed(name, make):
+    """Register entry `name`: make(cfg.MODEL.<name>, channels) in the blocks chosen by that node's STAGES
+    and BLOCKS, None elsewhere."""
+
+    def entry(cfg, stage, block_index, num_blocks, channels):
+        node = cfg.MODEL[name]
+        if not is_block_selected(f"MODEL.{name}", node.STAGES, node.BLOCKS, stage, block_index, num_blocks):
+            return None
+        return make(node, channels)
+
+    entry.__name__ = entry.__qualname__ = name
+    CONTEXT_MODULE_REGISTRY.register(entry)
 
 
-@CONTEXT_MODULE_REGISTRY.register()
-def GC(cfg, stage, block_index, num_blocks, channels):
-    """Global context block in the blocks chosen by cfg.MODEL.GC.STAGES and BLOCKS."""
-    gc = cfg.MODEL.GC
-    if not is_block_selected("MODEL.GC", gc.STAGES, gc.BLOCKS, stage, block_index, num_blocks):
-        return None
-    return GlobalContext(channels, ratio=gc.RATIO)
-
-
-@CONTEXT_MODULE_REGISTRY.register()
-def NL(cfg, stage, block_index, num_blocks, channels):
-    """Non-local block (embedded Gaussian) in the blocks chosen by cfg.MODEL.NL.STAGES and BLOCKS."""
-    nl = cfg.MODEL.NL
-    if not is_block_selected("MODEL.NL", nl.STAGES, nl.BLOCKS, stage, block_index, num_blocks):
-        return None
-    return NonLocal2d(channels)
-
-
-@CONTEXT_MODULE_REGISTRY.register()
-def CC(cfg, stage, block_index, num_blocks, channels):
-    """Recurrent criss-cross attention in the blocks chosen by cfg.MODEL.CC.STAGES and BLOCKS."""
-    cc = cfg.MODEL.CC
-    if not is_block_selected("MODEL.CC", cc.STAGES, cc.BLOCKS, stage, block_index, num_blocks):
-        return None
-    return CrissCrossAttention(channels, reduction=cc.REDUCTION, recurrence=cc.RECURRENCE)
+# The peers the paper compares with; acm_d2/layers documents each one and how it differs from its paper.
+_register_placed("SE", lambda se, channels: SqueezeExcite(channels, reduction=se.REDUCTION))
+_register_placed("GC", lambda gc, channels: GlobalContext(channels, ratio=gc.RATIO))
+_register_placed("NL", lambda nl, channels: NonLocal2d(channels))
+_register_placed(
+    "CC", lambda cc, channels: CrissCrossAttention(channels, reduction=cc.REDUCTION, recurrence=cc.RECURRENCE)
+)
 
 
 def build_context_module(cfg, stage, block_index, num_blocks, channels):
