@@ -9,7 +9,8 @@ ORTH_LOSS_MODES = ("paper", "official")
 
 
 def add_acm_config(cfg):
-    """Add the MODEL.CONTEXT_MODULE key and the MODEL.ACM node, with the paper's defaults."""
+    """Add the MODEL.CONTEXT_MODULE key, the MODEL.ACM node and the peer modules' nodes (MODEL.SE, GC, NL,
+    CC), with the papers' defaults."""
     # Which context module the build_acm_* backbones put into their blocks: "ACM", or "none" for a
     # plain ResNet built by the same code.
     cfg.MODEL.CONTEXT_MODULE = "ACM"
@@ -30,9 +31,66 @@ def add_acm_config(cfg):
     # "official": the authors' COCO code, lambda * |batch mean of (sum over the res5 ACMs of K.Q/C)|.
     cfg.MODEL.ACM.ORTH_LOSS_MODE = "paper"
 
+    # The peer modules the paper compares with, selected by MODEL.CONTEXT_MODULE = "SE" / "GC" / "NL" /
+    # "CC", each in its own node. They sit where ACM sits (after conv3 and its norm, before the residual
+    # add). In each node STAGES names the stages that get the module and BLOCKS the block indices within
+    # each of those stages (negative counts from the end: -1 is the last block; [] means every block).
+    cfg.MODEL.SE = CN()
+    # The hidden width of the excitation is C / REDUCTION. Paper (Hu et al. 2018): 16.
+    cfg.MODEL.SE.REDUCTION = 16
+    # Stages with SE. Paper: every block of every stage (16 modules in R-50).
+    cfg.MODEL.SE.STAGES = list(RESNET_STAGES)
+    # Block indices within each of STAGES. Paper: [] (every block).
+    cfg.MODEL.SE.BLOCKS = []
+
+    cfg.MODEL.GC = CN()
+    # The transform's hidden width is C * RATIO. Paper (Cao et al. 2019): 1/16 (its larger variant: 1/4).
+    cfg.MODEL.GC.RATIO = 0.0625
+    # Stages with GC. Paper's detection setting (mmdetection's c3-c5): res3-res5, 13 modules in R-50.
+    cfg.MODEL.GC.STAGES = ["res3", "res4", "res5"]
+    # Block indices within each of STAGES. Paper: [] (every block).
+    cfg.MODEL.GC.BLOCKS = []
+
+    cfg.MODEL.NL = CN()
+    # Stages with NL. Its attention is (H*W)^2 per image: in res3 of a 800 x 1333 image that is ~1 GiB
+    # in float32 for each block, so detection uses res4 only. Paper (Wang et al. 2018, COCO): res4.
+    cfg.MODEL.NL.STAGES = ["res4"]
+    # Block indices within each of STAGES. Paper (COCO): one block, right before the last res4 block.
+    cfg.MODEL.NL.BLOCKS = [-2]
+
+    cfg.MODEL.CC = CN()
+    # Stages with criss-cross attention. Paper (Huang et al. 2019, COCO): res4.
+    cfg.MODEL.CC.STAGES = ["res4"]
+    # Block indices within each of STAGES. Paper (COCO): after the last conv of res4, i.e. its last block.
+    cfg.MODEL.CC.BLOCKS = [-1]
+    # How many times the attention runs with shared weights (R). Paper: 2.
+    cfg.MODEL.CC.RECURRENCE = 2
+    # Q and K have C / REDUCTION channels. Paper: 8.
+    cfg.MODEL.CC.REDUCTION = 8
+
 
 def _fail(key, value, allowed):
     raise ValueError(f"cfg.{key} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(key, value):
+    if not _is_int(value) or value < 1:
+        _fail(key, value, "a positive integer")
+
+
+def _check_stages(key, stages):
+    if any(s not in RESNET_STAGES for s in stages) or len(set(stages)) != len(stages):
+        _fail(key, list(stages), f"distinct names among {list(RESNET_STAGES)}")
+
+
+def _check_blocks(key, blocks):
+    """Types only: whether an index exists depends on the depth, so the range is checked at build time."""
+    if not all(_is_int(i) for i in blocks):
+        _fail(key, list(blocks), "a list of block indices (integers, negative from the end; [] = every block)")
 
 
 def validate_acm_config(cfg):
@@ -42,11 +100,8 @@ def validate_acm_config(cfg):
     acm = cfg.MODEL.ACM
     if not isinstance(acm.NUM_GROUPS, int) or acm.NUM_GROUPS < 1:
         _fail("MODEL.ACM.NUM_GROUPS", acm.NUM_GROUPS, "a positive integer dividing every ACM stage's channels")
-    if not isinstance(acm.REDUCTION, int) or acm.REDUCTION < 1:
-        _fail("MODEL.ACM.REDUCTION", acm.REDUCTION, "a positive integer")
-    bad_stages = [s for s in acm.STAGES if s not in RESNET_STAGES]
-    if bad_stages or len(set(acm.STAGES)) != len(acm.STAGES):
-        _fail("MODEL.ACM.STAGES", list(acm.STAGES), f"distinct names among {list(RESNET_STAGES)}")
+    _check_positive_int("MODEL.ACM.REDUCTION", acm.REDUCTION)
+    _check_stages("MODEL.ACM.STAGES", acm.STAGES)
     if acm.VARIANT not in ACM_VARIANTS:
         _fail("MODEL.ACM.VARIANT", acm.VARIANT, sorted(ACM_VARIANTS))
     if not isinstance(acm.ORTH_LOSS_WEIGHT, (int, float)) or acm.ORTH_LOSS_WEIGHT < 0:
@@ -55,6 +110,15 @@ def validate_acm_config(cfg):
         _fail("MODEL.ACM.ORTH_LOSS_MODE", acm.ORTH_LOSS_MODE, list(ORTH_LOSS_MODES))
     if acm.ORTH_LOSS_MODE == "official" and "res5" not in acm.STAGES and cfg.MODEL.CONTEXT_MODULE == "ACM":
         _fail("MODEL.ACM.ORTH_LOSS_MODE", "official", "'paper', or add res5 to MODEL.ACM.STAGES ('official' sums the res5 ACMs only)")
+    for peer in ("SE", "GC", "NL", "CC"):
+        _check_stages(f"MODEL.{peer}.STAGES", cfg.MODEL[peer].STAGES)
+        _check_blocks(f"MODEL.{peer}.BLOCKS", cfg.MODEL[peer].BLOCKS)
+    _check_positive_int("MODEL.SE.REDUCTION", cfg.MODEL.SE.REDUCTION)
+    ratio = cfg.MODEL.GC.RATIO
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        _fail("MODEL.GC.RATIO", ratio, "a number in (0, 1], e.g. 0.0625 (1/16) or 0.25 (1/4)")
+    _check_positive_int("MODEL.CC.RECURRENCE", cfg.MODEL.CC.RECURRENCE)
+    _check_positive_int("MODEL.CC.REDUCTION", cfg.MODEL.CC.REDUCTION)
     from .modeling.context import CONTEXT_MODULE_REGISTRY
 
     names = ["none"] + sorted(CONTEXT_MODULE_REGISTRY._obj_map)

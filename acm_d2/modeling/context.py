@@ -3,6 +3,10 @@ cfg.MODEL.CONTEXT_MODULE. A new module needs one file in acm_d2/layers and one e
 from detectron2.utils.registry import Registry
 
 from ..layers.acm import AttendAndCompare
+from ..layers.criss_cross import CrissCrossAttention
+from ..layers.gc import GlobalContext
+from ..layers.nonlocal_ import NonLocal2d
+from ..layers.se import SqueezeExcite
 
 CONTEXT_MODULE_REGISTRY = Registry("CONTEXT_MODULE")
 CONTEXT_MODULE_REGISTRY.__doc__ = """
@@ -12,14 +16,56 @@ conv of that block (and its norm), or None to leave the block plain. `stage` is 
 """
 
 
+def is_block_selected(key, stages, blocks, stage, block_index, num_blocks):
+    """Whether block `block_index` of `stage` (which has `num_blocks` blocks) gets the module of cfg node `key`.
+
+    stages: the node's STAGES. blocks: its BLOCKS, indices within each selected stage, negative counting
+    from the end; empty selects every block. An index that the stage does not have is a ValueError
+    naming cfg.<key>.BLOCKS, since the range depends on the depth and is only known here.
+    """
+    if stage not in stages:
+        return False
+    if not blocks:
+        return True
+    if any(not -num_blocks <= i < num_blocks for i in blocks):
+        raise ValueError(
+            f"cfg.{key}.BLOCKS = {list(blocks)} is invalid for {stage}, which has {num_blocks} blocks; "
+            f"allowed: indices from {-num_blocks} to {num_blocks - 1}"
+        )
+    return block_index in {i % num_blocks for i in blocks}
+
+
 # Entries are named after the cfg.MODEL.CONTEXT_MODULE value that selects them.
 @CONTEXT_MODULE_REGISTRY.register()
 def ACM(cfg, stage, block_index, num_blocks, channels):
-    """ACM in every block of cfg.MODEL.ACM.STAGES."""
+    """ACM in every block of cfg.MODEL.ACM.STAGES (ACM has no BLOCKS key)."""
     acm = cfg.MODEL.ACM
-    if stage not in acm.STAGES:
+    if not is_block_selected("MODEL.ACM", acm.STAGES, [], stage, block_index, num_blocks):
         return None
     return AttendAndCompare(channels, num_groups=acm.NUM_GROUPS, reduction=acm.REDUCTION, variant=acm.VARIANT)
+
+
+def _register_placed(name, make):
+    """Register entry `name`: make(cfg.MODEL.<name>, channels) in the blocks chosen by that node's STAGES
+    and BLOCKS, None elsewhere."""
+
+    def entry(cfg, stage, block_index, num_blocks, channels):
+        node = cfg.MODEL[name]
+        if not is_block_selected(f"MODEL.{name}", node.STAGES, node.BLOCKS, stage, block_index, num_blocks):
+            return None
+        return make(node, channels)
+
+    entry.__name__ = entry.__qualname__ = name
+    CONTEXT_MODULE_REGISTRY.register(entry)
+
+
+# The peers the paper compares with; acm_d2/layers documents each one and how it differs from its paper.
+_register_placed("SE", lambda se, channels: SqueezeExcite(channels, reduction=se.REDUCTION))
+_register_placed("GC", lambda gc, channels: GlobalContext(channels, ratio=gc.RATIO))
+_register_placed("NL", lambda nl, channels: NonLocal2d(channels))
+_register_placed(
+    "CC", lambda cc, channels: CrissCrossAttention(channels, reduction=cc.REDUCTION, recurrence=cc.RECURRENCE)
+)
 
 
 def build_context_module(cfg, stage, block_index, num_blocks, channels):
@@ -27,4 +73,11 @@ def build_context_module(cfg, stage, block_index, num_blocks, channels):
     name = cfg.MODEL.CONTEXT_MODULE
     if name == "none":
         return None
-    return CONTEXT_MODULE_REGISTRY.get(name)(cfg, stage, block_index, num_blocks, channels)
+    try:
+        return CONTEXT_MODULE_REGISTRY.get(name)(cfg, stage, block_index, num_blocks, channels)
+    except ValueError as error:
+        # The layers know the channels but not the config keys: say which block and node to look at.
+        raise ValueError(
+            f"cannot build context module {name!r} for {stage} block {block_index} ({channels} channels) "
+            f"from cfg.MODEL.{name}: {error}"
+        ) from error
