@@ -19,7 +19,7 @@ def ACM(cfg, stage, block_index, num_blocks, channels):
     acm = cfg.MODEL.ACM
     if stage not in acm.STAGES:
         return None
-    return AttendAndCompare(channels, num_groups=acm.NUM_GROUPS, reduction=acm.REDUCTION, variant=acm.VARIANT)
+    return AttendAndCompare(channels, num_groups=acm.NUM_GROUPS, reduction=acm.REDUCTION, variant=acm.VARIANT, impl=acm.IMPL)
 
 
 def build_context_module(cfg, stage, block_index, num_blocks, channels):
