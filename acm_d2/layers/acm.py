@@ -127,11 +127,11 @@ class AttendAndCompare(nn.Module):
             raise ValueError(f"ACM built for {self.channels} channels got an input with {C}")
         if self.uses_fused(x):
             # The fused op computes in float32 itself (autocast does not touch it) and stores y in x's dtype.
-            p_convs = (self.p_reduce.weight, self.p_reduce.bias, self.p_expand.weight, self.p_expand.bias)
-            q = self.q_logits
+            q, p1, p2 = self.q_logits, self.p_reduce, self.p_expand
             y, self.orth_term = acm_fused(
                 x, self.k_logits.weight, self.k_logits.bias, q.weight if q else None, q.bias if q else None,
-                p_convs if self.use_p else None, self.num_groups, need_orth=self.training and self.has_orth_term,
+                (p1.weight, p1.bias, p2.weight, p2.bias) if self.use_p else None, self.num_groups,
+                need_orth=self.training and self.has_orth_term,
             )
             return y
         with torch.autocast(device_type=x.device.type, enabled=False):

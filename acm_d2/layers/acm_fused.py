@@ -113,7 +113,10 @@ def _forward_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     p_params = None if p1_weight is None else (p1_weight, p1_bias, p2_weight, p2_bias)
     impl = _triton_forward if backend == "triton" else _torch_forward
-    return impl(x.contiguous(), k_weight, q_weight, p_params, num_groups, need_orth)
+    # The impl's own ops would otherwise see the caller's autocast (it is thread state, not a dispatch
+    # decision about this op) and run the matmuls in low precision.
+    with torch.autocast(x.device.type, enabled=False):
+        return impl(x.contiguous(), k_weight, q_weight, p_params, num_groups, need_orth)
 
 
 @_forward_op.register_fake
@@ -156,7 +159,8 @@ def _backward_op(
     impl = _triton_backward if backend == "triton" else _torch_backward
     # grad_d is often an expanded scalar (d.sum() in the loss): make it a real B-vector for the kernel.
     grad_d = grad_d.contiguous() if grad_d is not None else None
-    return impl(grad_y.contiguous(), grad_d, x.contiguous(), k_weight, q_weight, p_params, mu, pooled, lse, p, num_groups)
+    with torch.autocast(x.device.type, enabled=False):
+        return impl(grad_y.contiguous(), grad_d, x.contiguous(), k_weight, q_weight, p_params, mu, pooled, lse, p, num_groups)
 
 
 @_backward_op.register_fake
