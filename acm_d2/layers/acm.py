@@ -61,7 +61,7 @@ class AttendAndCompare(nn.Module):
             and always runs the reference.
 
     In training mode, when the variant has both K and Q, forward stores the per-sample orthogonality
-    term d (float32, shape B) in `self.orth_term` for the model's loss to read; in eval mode it
+    term d (float32, float64 for float64 inputs; shape B) in `self.orth_term` for the model's loss to read; in eval mode it
     computes nothing for the loss and `self.orth_term` is None.
     """
 
@@ -105,10 +105,7 @@ class AttendAndCompare(nn.Module):
         return self.use_k and self.use_q
 
     def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, num_groups={self.num_groups}, reduction={self.reduction}, "
-            f"variant={self.variant!r}, impl={self.impl!r}"
-        )
+        return f"channels={self.channels}, num_groups={self.num_groups}, reduction={self.reduction}, variant={self.variant!r}, impl={self.impl!r}"
 
     def uses_fused(self, x: torch.Tensor) -> bool:
         """Whether forward(x) takes the fused path."""

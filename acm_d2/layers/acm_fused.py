@@ -305,16 +305,19 @@ def _torch_backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled,
     g_pooled, g_mu, p_grads = _small_backward(s_gy, s_gyx, grad_d, mu, pooled, p, p_params, num_groups)
     J = pooled.shape[2]
     w = _logit_weights(k_weight, q_weight, num_groups, dt)
-    # One matmul recomputes the logits and takes dp_j . x_n for every n.
-    logits, t = (torch.cat([w.expand(B, G, J, Cg), g_pooled], 2) @ xg).split(J, 2)
+    # One matmul recomputes the logits and takes dp_j . x_n for every n; its buffer then holds
+    # [a_j; r_j] for the dx matmul below, so no N-long tensor is concatenated.
+    v = torch.cat([w.expand(B, G, J, Cg), g_pooled], 2) @ xg  # B x G x 2J x N
+    logits, t = v.split(J, 2)
     attn = logits.softmax(-1)
-    r = t.sub_((g_pooled * pooled).sum(-1, keepdim=True)).mul_(attn)  # dL/dlogits
-    g_w = torch.einsum("bgjn,bgcn->jgc", r, xg)
-    gx = gyg * p[..., None] if p is not None else gyg.clone()
-    gx += g_mu[..., None] / N
+    t.sub_((g_pooled * pooled).sum(-1, keepdim=True)).mul_(attn)  # r_jn = dL/dlogits
+    logits.copy_(attn)
+    g_w = (t @ xg.transpose(-1, -2)).sum(0).transpose(0, 1)  # J x G x Cg; per-sample matmuls need no copy of x
+    g_mu = (g_mu / N)[..., None]
+    gx = torch.addcmul(g_mu, gyg, p[..., None], out=torch.empty_like(gyg)) if p is not None else gyg + g_mu
     # dx_n += sum_j a_jn dp_j + r_jn w_j: one batched matmul of rank 2J per group.
     u = torch.cat([g_pooled, w.expand(B, G, J, Cg)], 2).view(B * G, 2 * J, Cg)
-    gx.view(B * G, Cg, N).baddbmm_(u.transpose(1, 2), torch.cat([attn, r], 2).view(B * G, 2 * J, N))
+    gx.view(B * G, Cg, N).baddbmm_(u.transpose(1, 2), v.view(B * G, 2 * J, N))
     zero_bias = g_w.new_zeros(num_groups)
     flat = [t for g in g_w for t in (g.flatten(), zero_bias)] + [g.flatten() for g in p_grads]
     return gx.view_as(x).to(x.dtype), torch.cat(flat)
