@@ -2,7 +2,7 @@
 checks the values a user merged in (it runs when a backbone or meta-architecture is built)."""
 from detectron2.config import CfgNode as CN
 
-from .layers.acm import ACM_VARIANTS
+from .layers.acm import ACM_IMPLS, ACM_VARIANTS
 
 RESNET_STAGES = ("res2", "res3", "res4", "res5")
 ORTH_LOSS_MODES = ("paper", "official")
@@ -30,6 +30,8 @@ def add_acm_config(cfg):
     # "paper": lambda * sum over all ACMs of |batch mean of K.Q/C|.
     # "official": the authors' COCO code, lambda * |batch mean of (sum over the res5 ACMs of K.Q/C)|.
     cfg.MODEL.ACM.ORTH_LOSS_MODE = "paper"
+    # "reference", "fused" (same maths, recompute backward, Triton on CUDA), or "auto" (fused where faster).
+    cfg.MODEL.ACM.IMPL = "auto"
 
     # The peer modules the paper compares with, selected by MODEL.CONTEXT_MODULE = "SE" / "GC" / "NL" /
     # "CC", each in its own node. They sit where ACM sits (after conv3 and its norm, before the residual
@@ -106,6 +108,8 @@ def validate_acm_config(cfg):
         _fail("MODEL.ACM.VARIANT", acm.VARIANT, sorted(ACM_VARIANTS))
     if not isinstance(acm.ORTH_LOSS_WEIGHT, (int, float)) or acm.ORTH_LOSS_WEIGHT < 0:
         _fail("MODEL.ACM.ORTH_LOSS_WEIGHT", acm.ORTH_LOSS_WEIGHT, "a number >= 0")
+    if acm.IMPL not in ACM_IMPLS:
+        _fail("MODEL.ACM.IMPL", acm.IMPL, list(ACM_IMPLS))
     if acm.ORTH_LOSS_MODE not in ORTH_LOSS_MODES:
         _fail("MODEL.ACM.ORTH_LOSS_MODE", acm.ORTH_LOSS_MODE, list(ORTH_LOSS_MODES))
     if acm.ORTH_LOSS_MODE == "official" and "res5" not in acm.STAGES and cfg.MODEL.CONTEXT_MODULE == "ACM":

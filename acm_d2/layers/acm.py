@@ -19,8 +19,11 @@ and K - Q = sum_n a^K_n X_n - sum_n a^Q_n X_n, so mu cancels in Y (it still ente
 The bias is kept in the logits although it cancels, so that it takes part in autograd and DDP sees
 every parameter used.
 
-The pooling, softmax and P run in float32 for half-precision inputs (autocast included; float64 stays
-float64): under fp16 the logits and the HW-long sums overflow or lose too much precision.
+The pooling, softmax and P run in float32 (float64 for float64 inputs) whatever the input dtype,
+autocast included: under fp16 the logits and the HW-long sums overflow or lose too much precision.
+
+`impl` picks the reference below or the fused form of acm_fused.py (same function, analytic backward
+that recomputes the attention instead of storing it; Triton kernels on CUDA).
 """
 from typing import Optional
 
@@ -28,7 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["AttendAndCompare", "ACM_VARIANTS"]
+from .acm_fused import FUSED_VARIANTS, acm_fused, triton_available
+
+__all__ = ["AttendAndCompare", "ACM_VARIANTS", "ACM_IMPLS"]
 
 # The four rows of the paper's Table 2(a): name -> (uses K, uses Q, uses P).
 ACM_VARIANTS = {
@@ -37,6 +42,9 @@ ACM_VARIANTS = {
     "p_only": (False, False, True),  # P X
     "no_q": (True, False, True),  # P(X + K)
 }
+ACM_IMPLS = ("auto", "reference", "fused")
+# Measured with tools/benchmark_acm_layer.py on CPU: the fused torch form beats the reference there.
+_FUSED_FASTER_ON_CPU = True
 
 
 class AttendAndCompare(nn.Module):
@@ -48,16 +56,21 @@ class AttendAndCompare(nn.Module):
             C // reduction must both be divisible by it.
         reduction: P's hidden width is C // reduction (paper: 2).
         variant: one of ACM_VARIANTS (paper's default "full").
+        impl: "reference" (the code below), "fused" (acm_fused.py), or "auto": fused on CUDA when
+            Triton is importable and on CPU, reference elsewhere. "p_only" has no attention to fuse
+            and always runs the reference.
 
     In training mode, when the variant has both K and Q, forward stores the per-sample orthogonality
-    term d (float32, shape B) in `self.orth_term` for the model's loss to read; in eval mode it
+    term d (float32, float64 for float64 inputs; shape B) in `self.orth_term` for the model's loss to read; in eval mode it
     computes nothing for the loss and `self.orth_term` is None.
     """
 
-    def __init__(self, channels: int, num_groups: int = 32, reduction: int = 2, variant: str = "full"):
+    def __init__(self, channels: int, num_groups: int = 32, reduction: int = 2, variant: str = "full", impl: str = "auto"):
         super().__init__()
         if variant not in ACM_VARIANTS:
             raise ValueError(f"ACM variant must be one of {sorted(ACM_VARIANTS)}, got {variant!r}")
+        if impl not in ACM_IMPLS:
+            raise ValueError(f"ACM impl must be one of {list(ACM_IMPLS)}, got {impl!r}")
         if num_groups < 1 or channels % num_groups != 0:
             raise ValueError(
                 f"ACM needs channels ({channels}) divisible by num_groups ({num_groups}); "
@@ -68,7 +81,7 @@ class AttendAndCompare(nn.Module):
                 f"ACM needs channels // reduction ({channels} // {reduction}) to be a whole multiple "
                 f"of num_groups ({num_groups}); choose a reduction that divides {channels // num_groups}"
             )
-        self.channels, self.num_groups, self.reduction, self.variant = channels, num_groups, reduction, variant
+        self.channels, self.num_groups, self.reduction, self.variant, self.impl = channels, num_groups, reduction, variant, impl
         self.use_k, self.use_q, self.use_p = ACM_VARIANTS[variant]
         # Parameter names mirror the roles (k/q logits, P's two convs); see
         # acm_d2/checkpoint for the mapping to the authors' add_mod/sub_mod/mul_mod names.
@@ -92,7 +105,15 @@ class AttendAndCompare(nn.Module):
         return self.use_k and self.use_q
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, num_groups={self.num_groups}, reduction={self.reduction}, variant={self.variant!r}"
+        return f"channels={self.channels}, num_groups={self.num_groups}, reduction={self.reduction}, variant={self.variant!r}, impl={self.impl!r}"
+
+    def uses_fused(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) takes the fused path."""
+        if self.impl == "reference" or self.variant not in FUSED_VARIANTS:
+            return False
+        if self.impl == "fused":
+            return True
+        return (x.is_cuda and triton_available()) or (x.device.type == "cpu" and _FUSED_FASTER_ON_CPU)
 
     def _logit_convs(self):
         return [conv for conv in (self.k_logits, self.q_logits) if conv is not None]
@@ -101,6 +122,15 @@ class AttendAndCompare(nn.Module):
         B, C, H, W = x.shape
         if C != self.channels:
             raise ValueError(f"ACM built for {self.channels} channels got an input with {C}")
+        if self.uses_fused(x):
+            # The fused op computes in float32 itself (autocast does not touch it) and stores y in x's dtype.
+            q, p1, p2 = self.q_logits, self.p_reduce, self.p_expand
+            y, self.orth_term = acm_fused(
+                x, self.k_logits.weight, self.k_logits.bias, q.weight if q else None, q.bias if q else None,
+                (p1.weight, p1.bias, p2.weight, p2.bias) if self.use_p else None, self.num_groups,
+                need_orth=self.training and self.has_orth_term,
+            )
+            return y
         in_dtype = x.dtype
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -129,7 +159,7 @@ def _conv1x1(x: torch.Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tens
 
 
 def _attention_pool(x: torch.Tensor, convs, num_groups: int) -> torch.Tensor:
-    """Attention-weighted means of x (B x C x H x W, float32 or 64), one head per conv and group.
+    """Attention-weighted means of x (B x C x H x W, float32 or float64), one head per conv and group.
 
     Returns B x len(convs) x C: for conv j and channel c of group g, sum_n softmax_n(logits_jg) x_cn.
     """

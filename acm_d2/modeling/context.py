@@ -42,7 +42,7 @@ def ACM(cfg, stage, block_index, num_blocks, channels):
     acm = cfg.MODEL.ACM
     if not is_block_selected("MODEL.ACM", acm.STAGES, [], stage, block_index, num_blocks):
         return None
-    return AttendAndCompare(channels, num_groups=acm.NUM_GROUPS, reduction=acm.REDUCTION, variant=acm.VARIANT)
+    return AttendAndCompare(channels, num_groups=acm.NUM_GROUPS, reduction=acm.REDUCTION, variant=acm.VARIANT, impl=acm.IMPL)
 
 
 def _register_placed(name, make):

@@ -1,0 +1,240 @@
+"""The fused ACM (acm_d2/layers/acm_fused.py) against the reference AttendAndCompare forward.
+
+Tolerances (all on CPU): float64 1e-10; float32 1e-5 relative and absolute (gradients: absolute
+1e-5 times the largest gradient entry, as the logits-bias gradient is rounding noise of a sum over
+H*W positions in the reference and exactly zero in the fused form); bf16/fp16 inputs against
+the float32 reference on the same (upcast) values: y within one output ulp (relative 2^-7 bf16,
+2^-10 fp16), dx within the same relative error of its largest entry, weight gradients 1e-4 (they are
+accumulated in float32 from the same values); Triton (TRITON_INTERPRET=1) against the torch backend
+in float32: 1e-5 for y, d, dx, 1e-4 for weight gradients (summed over B*H*W in another order); with
+bf16 inputs 2^-7 of each tensor's largest entry.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from acm_d2.layers import acm as acm_module
+from acm_d2.layers.acm import ACM_IMPLS, AttendAndCompare
+from acm_d2.layers.acm_fused import FUSED_VARIANTS, acm_fused
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_pair(variant="full", channels=16, groups=4, dtype=torch.float64, seed=0):
+    """A reference and a fused module with the same weights; biases made non-zero so they matter."""
+    torch.manual_seed(seed)
+    ref = AttendAndCompare(channels, num_groups=groups, variant=variant, impl="reference").to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    fused = AttendAndCompare(channels, num_groups=groups, variant=variant, impl="fused").to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def run(module, x, dy, dd):
+    """y, d and the gradients of sum(y * dy) + sum(d * dd) w.r.t. x and every parameter."""
+    x = x.detach().requires_grad_()
+    y = module(x)
+    d = module.orth_term
+    loss = (y.float() * dy).sum() + ((d * dd).sum() if d is not None else 0)
+    grads = torch.autograd.grad(loss, [x] + list(module.parameters()))
+    return y, d, grads
+
+
+def check_against_reference(variant, shape, groups, dtype, rtol, atol):
+    ref, fused = make_pair(variant, shape[1], groups, dtype)
+    ref.train(), fused.train()
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    dy, dd = torch.randn(shape, dtype=dtype), torch.randn(shape[0], dtype=dtype)
+    y_ref, d_ref, g_ref = run(ref, x, dy, dd)
+    y, d, g = run(fused, x, dy, dd)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert (d is None) == (d_ref is None) == (variant == "no_q")
+    if d is not None:
+        torch.testing.assert_close(d, d_ref, rtol=rtol, atol=atol)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    scale = max(1.0, max(t.abs().max().item() for t in g_ref))  # the gradients are sums over H*W positions
+    for name, a, b in zip(names, g, g_ref):
+        # The logits biases cancel in the softmax: exactly zero in the fused form, rounding noise in the reference.
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m: f"grad of {name}: {m}")
+        if name.endswith("logits.bias"):
+            assert torch.count_nonzero(a) == 0
+
+
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_float64_matches_reference(variant):
+    check_against_reference(variant, (2, 16, 5, 7), 4, torch.float64, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_float32_matches_reference(variant):
+    check_against_reference(variant, (2, 32, 6, 9), 8, torch.float32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (7, 9), (13, 1)])
+def test_odd_spatial_sizes(hw):
+    check_against_reference("full", (2, 8, *hw), 2, torch.float64, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)])
+def test_low_precision_inputs_accumulate_in_float32(dtype, ulp):
+    ref, fused = make_pair("full", 32, 8, torch.float32)
+    ref.train(), fused.train()
+    x = (torch.randn(2, 32, 9, 11) * 2).to(dtype)
+    dy, dd = torch.randn(2, 32, 9, 11).to(dtype).float(), torch.randn(2)
+    y_ref, d_ref, g_ref = run(ref, x.float(), dy, dd)
+    y, d, g = run(fused, x, dy, dd)
+    assert y.dtype == dtype and d.dtype == torch.float32 and g[0].dtype == dtype
+    torch.testing.assert_close(y.float(), y_ref, rtol=ulp, atol=ulp)
+    torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[0].float(), g_ref[0], rtol=0, atol=ulp * g_ref[0].abs().max().item())
+    for a, b in zip(g[1:], g_ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_fused_op():
+    torch.manual_seed(0)
+    G, C = 2, 8
+    x = torch.randn(2, C, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in [(G, C // G, 1, 1), (G,)] * 2]
+    p_params = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in [(C // 2, C // G, 1, 1), (C // 2,), (C, C // 2 // G, 1, 1), (C,)]]
+
+    def fn(x, kw, kb, qw, qb, *p):
+        y, d = acm_fused(x, kw, kb, qw, qb, p, G, need_orth=True, backend="torch")
+        return y, d
+
+    assert torch.autograd.gradcheck(fn, (x, *params, *p_params))
+    assert torch.autograd.gradcheck(lambda x, kw, kb: acm_fused(x, kw, kb, None, None, None, G, False)[0], (x, *params[:2]))
+
+
+def test_backward_saves_no_full_size_intermediates():
+    _, fused = make_pair("full", 16, 4, torch.float32)
+    fused.train()
+    x = torch.randn(2, 16, 5, 7, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused(x)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    assert all(t.numel() <= 2 * 2 * 16 for t in saved if t is not big[0])  # per-(sample, head, channel) vectors at most
+
+
+def test_eval_computes_no_orth_term():
+    _, fused = make_pair("full", 16, 4, torch.float32)
+    fused.eval()
+    fused(torch.randn(2, 16, 5, 7))
+    assert fused.orth_term is None
+
+
+def test_impl_selection_and_errors():
+    x = torch.randn(1, 8, 3, 3)
+    with pytest.raises(ValueError, match="auto.*reference.*fused"):
+        AttendAndCompare(8, num_groups=2, impl="triton")
+    assert ACM_IMPLS == ("auto", "reference", "fused")
+    for variant in FUSED_VARIANTS:
+        assert AttendAndCompare(8, num_groups=2, variant=variant, impl="fused").uses_fused(x)
+        assert not AttendAndCompare(8, num_groups=2, variant=variant, impl="reference").uses_fused(x)
+        auto = AttendAndCompare(8, num_groups=2, variant=variant, impl="auto")
+        assert auto.uses_fused(x) == acm_module._FUSED_FASTER_ON_CPU
+    # p_only has no attention: every impl runs the reference.
+    for impl in ACM_IMPLS:
+        assert not AttendAndCompare(8, num_groups=2, variant="p_only", impl=impl).uses_fused(x)
+    with pytest.raises(ValueError, match="backend"):
+        acm_fused(x, torch.ones(2, 4, 1, 1), torch.zeros(2), None, None, None, 2, False, backend="cuda")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the error outside the interpreter")
+def test_triton_backend_on_cpu_needs_interpreter():
+    pytest.importorskip("triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        acm_fused(torch.randn(1, 8, 3, 3), torch.ones(2, 4, 1, 1), torch.zeros(2), None, None, None, 2, False, backend="triton")
+
+
+def test_p_only_runs_reference_under_fused():
+    ref, fused = make_pair("p_only", 16, 4, torch.float64)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), ref(x), rtol=0, atol=0)
+
+
+def test_autocast_keeps_float32_maths():
+    _, fused = make_pair("full", 16, 4, torch.float32)
+    fused.eval()
+    x = torch.randn(2, 16, 5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, fused(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_compile_matches_eager(train):
+    """torch.compile(fullgraph=True) proves ACM is one graph node (no graph break); aot_eager also
+    traces the custom op's backward."""
+    torch._dynamo.reset()
+    _, fused = make_pair("full", 16, 4, torch.float32)
+    fused.train(train)
+    x = torch.randn(2, 16, 5, 7, requires_grad=train)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    d = fused.orth_term
+    y_eager = fused(x)
+    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    if train:
+        torch.testing.assert_close(d, fused.orth_term, rtol=1e-6, atol=1e-6)
+        (g,) = torch.autograd.grad((y * y).sum() + d.sum(), [x])
+        (g_eager,) = torch.autograd.grad((y_eager * y_eager).sum() + fused.orth_term.sum(), [x])
+        torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-5)
+    else:
+        assert d is None
+
+
+TRITON_CHECK = textwrap.dedent(
+    """
+    import os, torch
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    from acm_d2.layers.acm_fused import acm_fused, _forward_op
+
+    torch.manual_seed(0)
+    B, C, H, W, G = 2, 16, 5, 7, 4  # H*W = 35: a partial last tile and two splits in the interpreter
+    for variant in ("full", "no_p", "no_q"):
+        use_q, use_p = variant != "no_q", variant != "no_p"
+        leaves = [torch.randn(G, C // G, 1, 1), torch.randn(G)]
+        leaves += [torch.randn(G, C // G, 1, 1), torch.randn(G)] if use_q else [None, None]
+        p = [torch.randn(C // 2, C // G, 1, 1), torch.randn(C // 2), torch.randn(C, C // 2 // G, 1, 1), torch.randn(C)]
+        p = p if use_p else None
+        params = [t for t in leaves + (p or []) if t is not None]
+        for t in params:
+            t.requires_grad_()
+        for dtype in (torch.float32, torch.bfloat16) if variant == "full" else (torch.float32,):
+            x = (torch.randn(B, C, H, W) * 2).to(dtype).requires_grad_()
+            dy, dd = torch.randn(B, C, H, W), torch.randn(B)
+            out = {}
+            for backend in ("torch", "triton"):
+                y, d = acm_fused(x, *leaves, p, G, need_orth=use_q, backend=backend)
+                loss = (y.float() * dy).sum() + ((d * dd).sum() + d.sum() if use_q else 0)
+                out[backend] = [y, d] + list(torch.autograd.grad(loss, [x] + params))
+            for name, a, b in zip(["y", "d", "x"] + ["param"] * len(params), out["triton"], out["torch"]):
+                if a is None:
+                    continue
+                assert a.dtype == b.dtype, (variant, name, a.dtype, b.dtype)
+                tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-4 if name == "param" else 1e-5
+                scale = max(1.0, b.float().abs().max().item())
+                torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{variant} {dtype} {name}: {m}")
+        stats_t = _forward_op(x.detach(), *leaves, *(p or [None] * 4), G, use_q, "triton")
+        assert stats_t[4].shape == (B, G, 2 if use_q else 1)  # the Triton backend saves the softmax lse
+    print("TRITON-OK")
+    """
+)
+
+
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
