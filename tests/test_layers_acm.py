@@ -35,18 +35,22 @@ def spec_acm(x, module):
     return y, d
 
 
-def random_acm(channels=16, groups=4, variant="full", seed=0, dtype=torch.float64):
+def random_acm(channels=16, groups=4, variant="full", seed=0, dtype=torch.float64, impl="auto"):
     torch.manual_seed(seed)
-    m = AttendAndCompare(channels, num_groups=groups, variant=variant).to(dtype)
+    m = AttendAndCompare(channels, num_groups=groups, variant=variant, impl=impl).to(dtype)
     with torch.no_grad():  # non-zero biases, so that a wrong treatment of them would show
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return m
 
 
+IMPLS = ["reference", "fused"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", sorted(ACM_VARIANTS))
-def test_acm_matches_spec_in_float64(variant):
-    m = random_acm(variant=variant).train()
+def test_acm_matches_spec_in_float64(variant, impl):
+    m = random_acm(variant=variant, impl=impl).train()
     x = torch.randn(3, 16, 5, 7, dtype=torch.float64) * 2 + 1
     y = m(x)
     y_ref, d_ref = spec_acm(x, m)
@@ -57,8 +61,9 @@ def test_acm_matches_spec_in_float64(variant):
         torch.testing.assert_close(m.orth_term, d_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_acm_gradcheck_float64():
-    m = random_acm(channels=8, groups=2).train()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_acm_gradcheck_float64(impl):
+    m = random_acm(channels=8, groups=2, impl=impl).train()
     x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
 
     def y_and_d(inp):
@@ -74,8 +79,9 @@ def test_acm_gradcheck_float64():
     assert gradcheck(y_of_params, tuple(m.parameters()), eps=1e-6, atol=1e-7)
 
 
-def test_every_parameter_gets_a_gradient_from_output_and_orth_term():
-    m = random_acm(dtype=torch.float32).train()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_parameter_gets_a_gradient_from_output_and_orth_term(impl):
+    m = random_acm(dtype=torch.float32, impl=impl).train()
     x = torch.randn(2, 16, 6, 6)
     y = m(x)
     (y.square().mean() + m.orth_term.abs().mean()).backward()
@@ -90,8 +96,9 @@ def test_eval_mode_computes_no_orth_term():
     assert m.orth_term is None
 
 
-def test_output_keeps_input_dtype_and_is_finite_under_bf16_autocast():
-    m = random_acm(channels=32, groups=8, dtype=torch.float32).train()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_output_keeps_input_dtype_and_is_finite_under_bf16_autocast(impl):
+    m = random_acm(channels=32, groups=8, dtype=torch.float32, impl=impl).train()
     x = torch.randn(2, 32, 8, 8) * 50  # large activations: naive half-precision softmax pooling is fragile
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x.bfloat16())

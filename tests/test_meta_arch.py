@@ -30,13 +30,17 @@ def test_orth_loss_scales_with_its_weight():
     torch.testing.assert_close(b["loss_acm_orth"], 10 * a["loss_acm_orth"])
 
 
+def loss_modules_terms(model):
+    """modules x batch: the terms of the loss's modules, from a second run of the backbone alone."""
+    images = model.preprocess_image(training_batch())
+    model.backbone(images.tensor)
+    return torch.stack([m.orth_term for _, m in model.orth_loss.modules])
+
+
 def test_paper_mode_sums_abs_batch_means_over_all_modules():
     model, losses = train_losses(small_cfg(ACM_R50))
     assert len(model.orth_loss.modules) == 16
-    # Recompute from the modules' terms: run the backbone alone, in training mode.
-    images = model.preprocess_image(training_batch())
-    model.backbone(images.tensor)
-    d = torch.stack([m.orth_term for _, m in model.orth_loss.modules])
+    d = loss_modules_terms(model)
     torch.testing.assert_close(losses["loss_acm_orth"], 0.1 * d.mean(1).abs().sum())
 
 
@@ -44,10 +48,8 @@ def test_official_mode_uses_only_res5_and_abs_after_the_sum():
     model, losses = train_losses(small_cfg(OFFICIAL))
     names = [n for n, _ in model.orth_loss.modules]
     assert len(names) == 3 and all(".res5." in n for n in names)
-    assert sum(".context" in n and n.endswith("context") for n, _ in model.named_modules()) == 13
-    images = model.preprocess_image(training_batch())
-    model.backbone(images.tensor)
-    d = torch.stack([m.orth_term for _, m in model.orth_loss.modules])
+    assert sum(n.endswith(".context") for n, _ in model.named_modules()) == 13
+    d = loss_modules_terms(model)
     torch.testing.assert_close(losses["loss_acm_orth"], 0.1 * d.sum(0).mean().abs())
 
 

@@ -3,6 +3,8 @@
 
     # the context modules on one backbone (the first one listed is the baseline of the ratios)
     python tools/benchmark.py --modules none ACM SE GC NL CC
+    # the plain (reference) ACM against the fused one
+    python tools/benchmark.py --modules none ACM --acm-impls reference fused
     # or whole configs
     python tools/benchmark.py --configs configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
         configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml --dtype bf16 --json bench.json
@@ -43,6 +45,7 @@ def parse_args(argv=None):
     what.add_argument("--configs", nargs="+", help="config files to compare (the first is the baseline)")
     what.add_argument("--modules", nargs="+", help="MODEL.CONTEXT_MODULE values on --config (default: none ACM)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="the config --modules varies")
+    parser.add_argument("--acm-impls", nargs="+", default=["auto"], help="with --modules: one ACM model per MODEL.ACM.IMPL")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype of the step")
     parser.add_argument("--height", type=int, help="image height (default: 800 on CUDA, 256 on CPU)")
@@ -65,7 +68,14 @@ def model_specs(args):
     """(label, config file, extra overrides) for each model, baseline first."""
     if args.configs:
         return [(os.path.basename(c).rsplit(".", 1)[0], c, []) for c in args.configs]
-    return [(m, args.config, ["MODEL.CONTEXT_MODULE", m]) for m in (args.modules or ["none", "ACM"])]
+    specs = []
+    for module in args.modules or ["none", "ACM"]:
+        if module == "ACM":
+            for impl in args.acm_impls:
+                specs.append((f"ACM ({impl})", args.config, ["MODEL.CONTEXT_MODULE", module, "MODEL.ACM.IMPL", impl]))
+        else:
+            specs.append((module, args.config, ["MODEL.CONTEXT_MODULE", module]))
+    return specs
 
 
 def build(config_file, opts, device):

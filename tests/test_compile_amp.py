@@ -1,0 +1,42 @@
+"""torch.compile of an ACM backbone, and mixed-precision training steps (CPU autocast here; AMPTrainer on CUDA)."""
+import pytest
+import torch
+from detectron2.modeling import build_backbone, build_model
+from detectron2.utils.events import EventStorage
+
+from conftest import small_cfg, training_batch
+
+ACM_R18 = ("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
+           "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+           "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN")
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_compiled_backbone_is_one_graph_without_breaks(impl):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    backbone = build_backbone(small_cfg(*ACM_R18, "MODEL.ACM.IMPL", impl)).bottom_up.train()
+    explanation = torch._dynamo.explain(backbone)(torch.randn(1, 3, 64, 64))
+    # 8 ACM blocks, one graph: no break inside ACM and nothing that splits the model per block.
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+# float16 convolutions are slow on the CPU (a minute here): that case runs with the slow tests.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
+def test_mixed_precision_training_step_is_finite_and_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(*ACM_R18)).train()
+    batch = training_batch(size=64)
+    with EventStorage():
+        torch.manual_seed(1)
+        full = model(batch)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = model(batch)
+    assert all(torch.isfinite(v) for v in mixed.values()), mixed
+    # Same sampled proposals (same seed), so the half-precision losses track the float32 ones.
+    torch.testing.assert_close(mixed["loss_acm_orth"].float(), full["loss_acm_orth"], rtol=0.1, atol=1e-4)
+    sum(mixed.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
