@@ -6,6 +6,7 @@ from .layers.acm import ACM_IMPLS, ACM_VARIANTS
 
 RESNET_STAGES = ("res2", "res3", "res4", "res5")
 ORTH_LOSS_MODES = ("paper", "official")
+AMP_PRECISIONS = ("float16", "bfloat16")
 
 
 def add_acm_config(cfg):
@@ -70,6 +71,10 @@ def add_acm_config(cfg):
     # Q and K have C / REDUCTION channels. Paper: 8.
     cfg.MODEL.CC.REDUCTION = 8
 
+    # Detectron2's AMPTrainer takes a precision, but its config has no key for it. "float16" (with a
+    # grad scaler, Detectron2's behaviour) or "bfloat16". Used when SOLVER.AMP.ENABLED is True.
+    cfg.SOLVER.AMP.PRECISION = "float16"
+
 
 def _fail(key, value, allowed):
     raise ValueError(f"cfg.{key} = {value!r} is invalid; allowed: {allowed}")
@@ -110,6 +115,8 @@ def validate_acm_config(cfg):
         _fail("MODEL.ACM.ORTH_LOSS_WEIGHT", acm.ORTH_LOSS_WEIGHT, "a number >= 0")
     if acm.IMPL not in ACM_IMPLS:
         _fail("MODEL.ACM.IMPL", acm.IMPL, list(ACM_IMPLS))
+    if cfg.SOLVER.AMP.PRECISION not in AMP_PRECISIONS:
+        _fail("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION, list(AMP_PRECISIONS))
     if acm.ORTH_LOSS_MODE not in ORTH_LOSS_MODES:
         _fail("MODEL.ACM.ORTH_LOSS_MODE", acm.ORTH_LOSS_MODE, list(ORTH_LOSS_MODES))
     if acm.ORTH_LOSS_MODE == "official" and "res5" not in acm.STAGES and cfg.MODEL.CONTEXT_MODULE == "ACM":
