@@ -105,3 +105,12 @@ def test_official_mode_without_res5_acms_is_a_clear_error():
     cfg = small_cfg(C4, "MODEL.ROI_HEADS.NAME", "Res5ROIHeads", "MODEL.ACM.ORTH_LOSS_MODE", "official")
     with pytest.raises(ValueError, match="ACMRes5ROIHeads"):
         build_model(cfg)
+
+
+def test_acm_meta_architectures_are_importable_classes():
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from acm_d2.modeling import ACMGeneralizedRCNN, ACMPanopticFPN, ACMRetinaNet
+
+    for cls in (ACMGeneralizedRCNN, ACMRetinaNet, ACMPanopticFPN):
+        assert isinstance(cls, type) and META_ARCH_REGISTRY.get(cls.__name__) is cls

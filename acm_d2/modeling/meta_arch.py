@@ -102,7 +102,8 @@ def with_orth_loss(base: type) -> type:
     """Register and return `ACM<base>`: the meta-architecture `base` with `loss_acm_orth` in training."""
     cls = type(f"ACM{base.__name__}", (_OrthLossMixin, base), {"__module__": __name__})
     cls.__doc__ = f"Detectron2's {base.__name__} plus ACM's orthogonal loss (`loss_acm_orth`) in training."
-    return META_ARCH_REGISTRY.register(cls)
+    META_ARCH_REGISTRY.register(cls)  # returns None when given the class (only the decorator form returns it)
+    return cls
 
 
 ACMGeneralizedRCNN = with_orth_loss(GeneralizedRCNN)
