@@ -38,7 +38,8 @@ def small_cfg(config_file: str, *opts):
 
 
 def training_batch(num_images=2, size=96, seed=0):
-    """Detectron2 training inputs: random images with one box and one mask each."""
+    """Detectron2 training inputs: random images with one box and one mask each, and the semantic
+    segmentation a Panoptic FPN also trains on (class 1 inside the mask, 0 elsewhere)."""
     from detectron2.structures import BitMasks, Boxes, Instances
 
     g = torch.Generator().manual_seed(seed)
@@ -51,7 +52,8 @@ def training_batch(num_images=2, size=96, seed=0):
         mask[0, 12:70, 10:60] = True
         instances.gt_masks = BitMasks(mask)
         image = torch.randint(0, 255, (3, size, size), generator=g).float()
-        batch.append({"image": image, "instances": instances, "height": size, "width": size})
+        sem_seg = mask[0].long()
+        batch.append({"image": image, "instances": instances, "sem_seg": sem_seg, "height": size, "width": size})
     return batch
 
 

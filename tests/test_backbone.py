@@ -120,3 +120,47 @@ def test_retinanet_backbone_has_p3_to_p7():
     backbone = build_acm_retinanet_resnet_fpn_backbone(cfg, ShapeSpec(channels=3))
     assert sorted(backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
     assert len(acm_modules(backbone)) == 16
+
+
+C4 = "COCO-Detection/faster_rcnn_acm_R_50_C4_1x.yaml"
+
+
+def test_c4_model_puts_res5_acms_in_its_roi_head_with_detectron2_names():
+    plain = build_model(small_cfg("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml"))
+    ours = build_model(small_cfg(C4))
+    names = [n for n, _ in acm_modules(ours)]
+    assert len(names) == 16 and "backbone.res5.0.context" not in names
+    assert [n for n in names if "res5" in n] == [f"roi_heads.res5.{i}.context" for i in range(3)]
+    ours_shapes = {k: v.shape for k, v in ours.state_dict().items() if ".context." not in k}
+    assert ours_shapes == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_c4_roi_head_refuses_a_dilated_res5():
+    with pytest.raises(ValueError, match="RES5_DILATION"):
+        build_model(small_cfg(C4, "MODEL.RESNETS.RES5_DILATION", 2))
+
+
+def test_backbone_from_plain_pytorch_with_its_orthogonal_loss():
+    """The README's snippet: the ACM backbone outside Detectron2's meta-architectures."""
+    from detectron2.config import get_cfg
+
+    import acm_d2
+    from acm_d2.modeling import OrthogonalLoss
+    from conftest import CONFIGS
+
+    cfg = get_cfg()
+    acm_d2.add_acm_config(cfg)
+    cfg.merge_from_file(f"{CONFIGS}/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml")
+    cfg.MODEL.WEIGHTS = ""  # or a checkpoint, loaded with DetectionCheckpointer(backbone)
+    backbone = build_backbone(cfg).train()
+    orth = OrthogonalLoss(backbone, weight=cfg.MODEL.ACM.ORTH_LOSS_WEIGHT, mode=cfg.MODEL.ACM.ORTH_LOSS_MODE)
+
+    images = torch.randn(2, 3, 64, 64)  # normalised: (BGR 0-255 - cfg.MODEL.PIXEL_MEAN) / cfg.MODEL.PIXEL_STD
+    features = backbone(images)
+    loss = sum(f.mean() for f in features.values()) + orth()["loss_acm_orth"]
+    loss.backward()
+
+    assert sorted(features) == ["p2", "p3", "p4", "p5", "p6"]
+    assert len(orth.modules) == 16
+    assert all(m.orth_term is None for _, m in orth.modules)  # released by orth()
+    assert all(p.grad is not None for n, p in backbone.named_parameters() if "q_logits.weight" in n)

@@ -85,3 +85,34 @@ def test_inference_returns_detectron2_output_and_stores_no_terms():
 def test_variants_without_q_have_no_orth_loss(variant):
     _, losses = train_losses(small_cfg(ACM_R50, "MODEL.ACM.VARIANT", variant))
     assert "loss_acm_orth" not in losses
+
+
+C4 = "COCO-Detection/faster_rcnn_acm_R_50_C4_1x.yaml"
+
+
+def test_c4_official_mode_uses_the_roi_head_res5_acms_whose_batch_is_the_regions():
+    model, losses = train_losses(small_cfg(C4, "MODEL.ACM.ORTH_LOSS_MODE", "official"))
+    assert [n for n, _ in model.orth_loss.modules] == [f"roi_heads.res5.{i}.context" for i in range(3)]
+    assert torch.isfinite(losses["loss_acm_orth"])
+
+
+def test_c4_paper_mode_averages_each_module_over_its_own_batch():
+    model, losses = train_losses(small_cfg(C4))
+    assert len(model.orth_loss.modules) == 16
+    assert torch.isfinite(losses["loss_acm_orth"]) and losses["loss_acm_orth"] > 0
+
+
+def test_official_mode_without_res5_acms_is_a_clear_error():
+    # Detectron2's plain Res5ROIHeads: the ACM backbone stops at res4, so no ACM is in res5.
+    cfg = small_cfg(C4, "MODEL.ROI_HEADS.NAME", "Res5ROIHeads", "MODEL.ACM.ORTH_LOSS_MODE", "official")
+    with pytest.raises(ValueError, match="ACMRes5ROIHeads"):
+        build_model(cfg)
+
+
+def test_acm_meta_architectures_are_importable_classes():
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from acm_d2.modeling import ACMGeneralizedRCNN, ACMPanopticFPN, ACMRetinaNet
+
+    for cls in (ACMGeneralizedRCNN, ACMRetinaNet, ACMPanopticFPN):
+        assert isinstance(cls, type) and META_ARCH_REGISTRY.get(cls.__name__) is cls

@@ -1,14 +1,14 @@
-"""Config and dataset set-up shared by tools/train_net.py and the demo."""
+"""Config and dataset set-up shared by tools/train_net.py, tools/lazyconfig_train_net.py and the demo."""
 import logging
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import LazyConfig, get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 
 from ..config import add_acm_config
 from ..data.datasets import register_coco_dataset
 
-__all__ = ["argument_parser", "setup", "register_datasets"]
+__all__ = ["argument_parser", "setup", "setup_lazy", "register_datasets"]
 
 
 def argument_parser(epilog=None):
@@ -40,11 +40,27 @@ def setup(args):
     add_acm_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    fallback = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
-    if fallback:
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE, fallback = _available(cfg.MODEL.DEVICE)
     cfg.freeze()
     default_setup(cfg, args)
     if fallback:
         logging.getLogger("acm_d2").warning("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
     return cfg
+
+
+def setup_lazy(args):
+    """setup() for a Python (LazyConfig) config file: loaded, `key=value` overrides applied, the same
+    CPU fallback (train.device), logging set up."""
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg.train.device, fallback = _available(cfg.train.device)
+    default_setup(cfg, args)
+    if fallback:
+        logging.getLogger("acm_d2").warning("CUDA is not available: running on the CPU (train.device cpu)")
+    return cfg
+
+
+def _available(device: str):
+    """(device, False), or ("cpu", True) for a CUDA device on a machine without CUDA."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu", True
+    return device, False

@@ -10,7 +10,14 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "create_ddp_model_any_device"]
+
+
+def create_ddp_model_any_device(model, **kwargs):
+    """Detectron2's create_ddp_model (DDP when there are several processes, else the model itself), with
+    `device_ids` only for a GPU model: PyTorch refuses them for a model on the CPU (gloo)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return create_ddp_model(model, device_ids=None if on_cpu else [comm.get_local_rank()], **kwargs)
 
 
 class Trainer(DefaultTrainer):
@@ -26,10 +33,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(
-            model, broadcast_buffers=False, device_ids=None if on_cpu else [comm.get_local_rank()]
-        )
+        model = create_ddp_model_any_device(model, broadcast_buffers=False)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

@@ -3,6 +3,8 @@
 Everything but the context modules keeps Detectron2's structure and parameter names, so Detectron2's
 ImageNet and COCO checkpoints load with only the context modules' parameters missing.
 """
+import functools
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
@@ -18,6 +20,8 @@ __all__ = [
     "build_acm_resnet_backbone",
     "build_acm_resnet_fpn_backbone",
     "build_acm_retinanet_resnet_fpn_backbone",
+    "make_context_stages",
+    "make_context_stages_from_config",
 ]
 
 NUM_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
@@ -68,57 +72,111 @@ class ContextBasicBlock(_ContextMixin, BasicBlock):
         return self._merge(x, self.conv2(out))
 
 
-@BACKBONE_REGISTRY.register()
-def build_acm_resnet_backbone(cfg, input_shape: ShapeSpec):
-    """Detectron2's build_resnet_backbone with a context module per block (cfg.MODEL.CONTEXT_MODULE).
+def make_context_stages(
+    depth,
+    context=None,
+    *,
+    stages=RESNET_STAGES,
+    stem_out_channels=64,
+    res2_out_channels=None,
+    num_groups=1,
+    width_per_group=64,
+    stride_in_1x1=True,
+    norm="FrozenBN",
+    res5_dilation=1,
+):
+    """The stages of a ResNet / ResNeXt with a context module per block: Detectron2's
+    ResNet.make_default_stages, plus `context`, for ResNet(stem, stages) and for Python (LazyConfig) configs.
 
-    Takes every MODEL.RESNETS option but deformable convs: depth, ResNeXt (NUM_GROUPS,
-    WIDTH_PER_GROUP), STRIDE_IN_1X1, NORM, RES2_OUT_CHANNELS, RES5_DILATION, OUT_FEATURES, and FREEZE_AT.
+    Args:
+        depth: 18, 34 (BasicBlock) or 50, 101, 152 (BottleneckBlock).
+        context: callable(stage, block_index, num_blocks, channels) -> nn.Module or None, the module that
+            goes after the last conv (and its norm) of that block; None builds plain blocks.
+            `functools.partial(build_context_module, cfg)` for a yaml config, `context_builder(...)` otherwise.
+        stages: which of "res2".."res5" to build, in order (a C4 model's ROI head builds ("res5",) alone).
+        stem_out_channels, res2_out_channels (default 64 for depth < 50, else 256), num_groups,
+        width_per_group, stride_in_1x1, norm, res5_dilation (1 or 2): as cfg.MODEL.RESNETS.*.
+
+    Returns:
+        one list of blocks per stage in `stages`.
     """
-    validate_acm_config(cfg)
-    r = cfg.MODEL.RESNETS
-    depth = r.DEPTH
     if depth not in NUM_BLOCKS_PER_STAGE:
-        raise ValueError(f"cfg.MODEL.RESNETS.DEPTH = {depth} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}")
-    if any(r.DEFORM_ON_PER_STAGE):
-        raise ValueError("cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable blocks are not supported by the ACM backbones")
-    if r.RES5_DILATION not in (1, 2):
-        raise ValueError(f"cfg.MODEL.RESNETS.RES5_DILATION = {r.RES5_DILATION} is invalid; allowed: 1, 2")
-    basic = depth in (18, 34)
-    if basic and (r.RES2_OUT_CHANNELS != 64 or r.NUM_GROUPS != 1 or r.RES5_DILATION != 1):
-        raise ValueError(
-            "R-18/34 need cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64, NUM_GROUPS = 1 and RES5_DILATION = 1"
-        )
-
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
-    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
-    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
-    stages = []
-    for idx, (stage, num_blocks) in enumerate(zip(RESNET_STAGES, NUM_BLOCKS_PER_STAGE[depth])):
-        dilation = r.RES5_DILATION if stage == "res5" else 1
+        raise ValueError(f"ResNet depth {depth} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}")
+    basic = depth < 50
+    if res2_out_channels is None:
+        res2_out_channels = 64 if basic else 256
+    context = context or (lambda *args: None)
+    built = []
+    for stage in stages:
+        idx = RESNET_STAGES.index(stage)
+        num_blocks = NUM_BLOCKS_PER_STAGE[depth][idx]
+        out_channels = res2_out_channels * 2**idx
+        dilation = res5_dilation if stage == "res5" else 1
         first_stride = 1 if idx == 0 or dilation == 2 else 2
         kwargs = dict(
             num_blocks=num_blocks,
             stride_per_block=[first_stride] + [1] * (num_blocks - 1),
-            in_channels=in_channels,
+            in_channels=stem_out_channels if idx == 0 else out_channels // 2,
             out_channels=out_channels,
-            norm=r.NORM,
-            context_per_block=[
-                build_context_module(cfg, stage, i, num_blocks, out_channels) for i in range(num_blocks)
-            ],
+            norm=norm,
+            context_per_block=[context(stage, i, num_blocks, out_channels) for i in range(num_blocks)],
         )
         if basic:
             kwargs["block_class"] = ContextBasicBlock
         else:
             kwargs.update(
                 block_class=ContextBottleneckBlock,
-                bottleneck_channels=bottleneck_channels,
-                stride_in_1x1=r.STRIDE_IN_1X1,
+                bottleneck_channels=num_groups * width_per_group * 2**idx,
+                stride_in_1x1=stride_in_1x1,
                 dilation=dilation,
-                num_groups=r.NUM_GROUPS,
+                num_groups=num_groups,
             )
-        stages.append(ResNet.make_stage(**kwargs))
-        in_channels, out_channels, bottleneck_channels = out_channels, out_channels * 2, bottleneck_channels * 2
+        built.append(ResNet.make_stage(**kwargs))
+    return built
+
+
+def make_context_stages_from_config(cfg, stages):
+    """make_context_stages with every argument from cfg.MODEL.RESNETS and the context module of
+    cfg.MODEL.CONTEXT_MODULE; raises ValueError naming the cfg key for what the blocks cannot do."""
+    validate_acm_config(cfg)
+    r = cfg.MODEL.RESNETS
+    if r.DEPTH not in NUM_BLOCKS_PER_STAGE:
+        raise ValueError(f"cfg.MODEL.RESNETS.DEPTH = {r.DEPTH} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}")
+    if any(r.DEFORM_ON_PER_STAGE):
+        raise ValueError("cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable blocks are not supported by the ACM backbones")
+    if r.RES5_DILATION not in (1, 2):
+        raise ValueError(f"cfg.MODEL.RESNETS.RES5_DILATION = {r.RES5_DILATION} is invalid; allowed: 1, 2")
+    if r.DEPTH in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or r.NUM_GROUPS != 1 or r.RES5_DILATION != 1):
+        raise ValueError(
+            "R-18/34 need cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64, NUM_GROUPS = 1 and RES5_DILATION = 1"
+        )
+    return make_context_stages(
+        r.DEPTH,
+        functools.partial(build_context_module, cfg),
+        stages=stages,
+        stem_out_channels=r.STEM_OUT_CHANNELS,
+        res2_out_channels=r.RES2_OUT_CHANNELS,
+        num_groups=r.NUM_GROUPS,
+        width_per_group=r.WIDTH_PER_GROUP,
+        stride_in_1x1=r.STRIDE_IN_1X1,
+        norm=r.NORM,
+        res5_dilation=r.RES5_DILATION,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_acm_resnet_backbone(cfg, input_shape: ShapeSpec):
+    """Detectron2's build_resnet_backbone with a context module per block (cfg.MODEL.CONTEXT_MODULE).
+
+    Takes every MODEL.RESNETS option but deformable convs: depth, ResNeXt (NUM_GROUPS,
+    WIDTH_PER_GROUP), STRIDE_IN_1X1, NORM, RES2_OUT_CHANNELS, RES5_DILATION, OUT_FEATURES, and FREEZE_AT.
+    As Detectron2's, it builds the stages up to the last one in OUT_FEATURES (a C4 backbone stops at
+    res4; its res5 is the ROI head's, see ACMRes5ROIHeads).
+    """
+    r = cfg.MODEL.RESNETS
+    last = max(RESNET_STAGES.index(f) for f in r.OUT_FEATURES if f in RESNET_STAGES)
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
+    stages = make_context_stages_from_config(cfg, RESNET_STAGES[: last + 1])
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 

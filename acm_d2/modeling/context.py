@@ -1,5 +1,8 @@
 """Context modules that the acm_d2 backbones can put into ResNet blocks, chosen by
 cfg.MODEL.CONTEXT_MODULE. A new module needs one file in acm_d2/layers and one entry here."""
+import functools
+
+from detectron2.config import CfgNode
 from detectron2.utils.registry import Registry
 
 from ..layers.acm import AttendAndCompare
@@ -81,3 +84,30 @@ def build_context_module(cfg, stage, block_index, num_blocks, channels):
             f"cannot build context module {name!r} for {stage} block {block_index} ({channels} channels) "
             f"from cfg.MODEL.{name}: {error}"
         ) from error
+
+
+def context_builder(name="ACM", **nodes):
+    """build_context_module without a yaml config, for Python (LazyConfig) configs and plain PyTorch:
+    returns callable(stage, block_index, num_blocks, channels) for make_context_stages.
+
+    `name` is what cfg.MODEL.CONTEXT_MODULE holds in a yaml config ("ACM", "SE", "GC", "NL", "CC" or
+    "none"); each keyword overrides keys of the cfg.MODEL node of that name, the rest keep
+    add_acm_config's defaults: context_builder("ACM", ACM=dict(NUM_GROUPS=64, STAGES=["res3", "res4", "res5"])).
+    The values are validated as a yaml config's are.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from ..config import add_acm_config, validate_acm_config
+
+    cfg = CfgNode({"MODEL": CfgNode()})
+    add_acm_config(cfg)
+    cfg.MODEL.CONTEXT_MODULE = name
+    for node, values in nodes.items():
+        if isinstance(values, DictConfig):  # a LazyConfig passes its dicts as they are
+            values = OmegaConf.to_container(values, resolve=True)
+        if node not in cfg.MODEL or not isinstance(cfg.MODEL[node], CfgNode):
+            raise KeyError(f"context_builder({node}=...): no such node; allowed: ACM, SE, GC, NL, CC")
+        cfg.MODEL[node].merge_from_other_cfg(CfgNode(dict(values)))
+    validate_acm_config(cfg)
+    cfg.freeze()
+    return functools.partial(build_context_module, cfg)

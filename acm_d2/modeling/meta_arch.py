@@ -1,7 +1,7 @@
 """Meta-architectures that add ACM's orthogonal loss, `loss_acm_orth`, to a Detectron2 model's losses.
 
 One mixin serves every Detectron2 meta-architecture: `ACM<Name>` is `<Name>` plus the loss
-(ACMGeneralizedRCNN for Mask/Faster/Cascade R-CNN, ACMRetinaNet, ACMPanopticFPN, ...). Inference is
+(ACMGeneralizedRCNN for Mask/Faster/Cascade R-CNN, FPN or C4, ACMRetinaNet, ACMPanopticFPN, ...). Inference is
 the base class's, unchanged.
 """
 import re
@@ -26,13 +26,28 @@ class OrthogonalLoss:
 
     mode "paper" (eq. 5-6): lambda * sum over ACMs m of |mean over the batch of d_m|.
     mode "official" (the authors' COCO code): lambda * |mean over the batch of sum over the res5 ACMs of d_m|.
+
+    `model` is any nn.Module holding ACMs: a meta-architecture, or a backbone used from plain PyTorch:
+
+        orth = OrthogonalLoss(backbone, weight=0.1, mode="paper")
+        features = backbone(images)                 # in training mode: each ACM stores its term
+        loss = task_loss(features) + orth().get("loss_acm_orth", 0)
+
+    Calling it returns {"loss_acm_orth": loss} ({} when the model has no ACM with K and Q) and
+    releases the stored terms, so call it once per forward.
     """
 
     def __init__(self, model: nn.Module, weight: float, mode: str):
         self.weight, self.mode = weight, mode
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, AttendAndCompare) and m.has_orth_term]
         if mode == "official":
-            named = [(n, m) for n, m in named if _LAST_STAGE.search(n)]
+            in_res5 = [(n, m) for n, m in named if _LAST_STAGE.search(n)]
+            if named and not in_res5:
+                raise ValueError(
+                    "ORTH_LOSS_MODE 'official' sums the res5 ACMs, and this model has ACMs but none in res5 "
+                    "(a C4 model needs ROI_HEADS.NAME 'ACMRes5ROIHeads'); use 'paper' or put ACMs in res5"
+                )
+            named = in_res5
         # A plain list: the modules are the model's own, not extra submodules.
         self.modules: List[Tuple[str, AttendAndCompare]] = named
 
@@ -45,11 +60,16 @@ class OrthogonalLoss:
             module.orth_term = None  # release the graph it holds
         if not terms:
             return {}
-        d = torch.stack(terms)  # modules x batch
         if self.mode == "paper":
-            loss = d.mean(dim=1).abs().sum()
+            # Per module: in a C4 model the res5 ACMs (in the ROI head) see regions, not images.
+            loss = torch.stack([d.mean() for d in terms]).abs().sum()
         else:
-            loss = d.sum(dim=0).mean().abs()
+            if len({d.shape for d in terms}) > 1:
+                raise RuntimeError(
+                    f"ORTH_LOSS_MODE 'official' sums the res5 ACMs per sample, but they saw different batch "
+                    f"sizes {[tuple(d.shape) for d in terms]}; use ORTH_LOSS_MODE 'paper'"
+                )
+            loss = torch.stack(terms).sum(dim=0).mean().abs()  # modules x batch -> batch -> scalar
         return {"loss_acm_orth": self.weight * loss}
 
 
@@ -82,7 +102,8 @@ def with_orth_loss(base: type) -> type:
     """Register and return `ACM<base>`: the meta-architecture `base` with `loss_acm_orth` in training."""
     cls = type(f"ACM{base.__name__}", (_OrthLossMixin, base), {"__module__": __name__})
     cls.__doc__ = f"Detectron2's {base.__name__} plus ACM's orthogonal loss (`loss_acm_orth`) in training."
-    return META_ARCH_REGISTRY.register(cls)
+    META_ARCH_REGISTRY.register(cls)  # returns None when given the class (only the decorator form returns it)
+    return cls
 
 
 ACMGeneralizedRCNN = with_orth_loss(GeneralizedRCNN)

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Train or evaluate a model from a Python (LazyConfig) config file, e.g. configs/lazy/*.py.
+
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_acm_R_50_FPN_1x.py --num-gpus 8
+    python tools/lazyconfig_train_net.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
+    python tools/lazyconfig_train_net.py --config-file ... --coco-dataset my_train train.json images/ \
+        dataloader.train.dataset.names=my_train
+
+The config holds model, dataloader.{train,test,evaluator}, optimizer, lr_multiplier and train (see
+configs/common/train.py); overrides are `key=value`. As tools/train_net.py: acm_d2's set-up (CPU fallback,
+--coco-dataset) and a DDP wrapper that also works for CPU models.
+"""
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks, launch
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, also in spawned workers)
+from acm_d2.engine import argument_parser, create_ddp_model_any_device, register_datasets, setup_lazy
+
+logger = logging.getLogger("acm_d2")
+
+
+def evaluate(cfg, model):
+    """COCO AP of `model` on dataloader.test with dataloader.evaluator (printed, and returned)."""
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def train(cfg, resume: bool):
+    model = instantiate(cfg.model).to(cfg.train.device)
+    logger.info("Model:\n%s", model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    model = create_ddp_model_any_device(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, instantiate(cfg.dataloader.train), optimizer)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
+    main_process = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model)),
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if main_process
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    # A checkpoint stores the iteration that finished: resume at the next one.
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    register_datasets(args)
+    cfg = setup_lazy(args)
+    if not args.eval_only:
+        return train(cfg, args.resume)
+    model = create_ddp_model_any_device(instantiate(cfg.model).to(cfg.train.device))
+    DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    return evaluate(cfg, model)
+
+
+def invoke_main() -> None:
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    invoke_main()
