@@ -17,8 +17,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,6 +42,8 @@ def ground_truth_masks(json_file, image_paths):
     """file path -> union of its annotations' masks (H x W bool), matched by file name in the COCO JSON."""
     from pycocotools.coco import COCO
 
+    from acm_d2.visualization import ground_truth_mask
+
     coco = COCO(json_file)
     by_name = {os.path.basename(im["file_name"]): im for im in coco.dataset["images"]}
     masks = {}
@@ -51,9 +51,7 @@ def ground_truth_masks(json_file, image_paths):
         info = by_name.get(os.path.basename(path))
         if info is None:
             fail(f"image {os.path.basename(path)!r} is not in the annotations {json_file!r}")
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=info["id"]))
-        shape = (info["height"], info["width"])
-        masks[path] = np.any([coco.annToMask(a) for a in anns], axis=0) if anns else np.zeros(shape, bool)
+        masks[path] = ground_truth_mask(coco, info["id"])
     return masks
 
 
@@ -74,6 +72,7 @@ def main(argv=None):
     from detectron2.modeling import build_model
 
     import acm_d2
+    from acm_d2.engine.demo import resolve_device
     from acm_d2.visualization import attention as vis
 
     cfg = get_cfg()
@@ -81,7 +80,7 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    cfg.MODEL.DEVICE = resolve_device(args.device)
     model = build_model(cfg).eval()
     try:
         names = vis.resolve_modules(model, args.module)
@@ -105,8 +104,8 @@ def main(argv=None):
                 groups = vis.select_groups([maps[name]], [masks[path]], top=args.top)
             else:
                 groups = range(num_groups)
-            short = name.replace("backbone.bottom_up.", "").replace(".context", "")
-            rows += [{"image": image, "maps": maps[name], "group": g, "mask": masks.get(path), "label": short} for g in groups]
+            label = vis.short_name(name)
+            rows += [{"image": image, "maps": maps[name], "group": g, "mask": masks.get(path), "label": label} for g in groups]
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
         vis.render_attention(out, rows, title=os.path.basename(path))
         print(f"{out}: {', '.join(sorted({r['label'] for r in rows}))}, groups {[r['group'] for r in rows]}")

@@ -20,14 +20,13 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import torch
 
 from ..data.synthetic import generate_dataset, register_synthetic_dataset
 from ..visualization import attention as vis
 from ..visualization.curves import plot_loss_curve
 
-__all__ = ["demo_argument_parser", "run_demo", "run_compare", "main"]
+__all__ = ["demo_argument_parser", "resolve_device", "run_demo", "run_compare", "main"]
 
 logger = logging.getLogger("acm_d2.demo")
 DATASET_PREFIX = "acm_synthetic"  # the config's DATASETS name <prefix>_train and <prefix>_val
@@ -40,7 +39,7 @@ def demo_argument_parser(default_config: str = "") -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="train without and with ACM, print both APs")
     p.add_argument("--context-module", default="ACM", help="MODEL.CONTEXT_MODULE for a single run (ACM, none, SE, ...)")
     p.add_argument("--data", default="", help="dataset folder (default <output>/data); regenerated, deterministic")
-    p.add_argument("--num-train", type=int, default=400, help="generated training images")
+    p.add_argument("--num-train", type=int, default=600, help="generated training images")
     p.add_argument("--num-val", type=int, default=100, help="generated validation images")
     p.add_argument("--image-size", type=int, default=128, help="generated image side, px (>= 48)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generator")
@@ -52,6 +51,11 @@ def demo_argument_parser(default_config: str = "") -> argparse.ArgumentParser:
     p.add_argument("--vis-images", type=int, default=4, help="validation images in attention.png")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
     return p
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when available, else "cpu"; other values unchanged."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _results_ap(results: dict, task: str, metric: str = "AP") -> float:
@@ -67,7 +71,7 @@ def run_demo(args) -> dict:
     data_dir = args.data or os.path.join(output, "data")
     splits = generate_dataset(data_dir, args.num_train, args.num_val, args.image_size, args.data_seed)
     register_synthetic_dataset(DATASET_PREFIX, splits)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if device == "cpu":
         torch.set_num_threads(args.threads)
     opts = ["OUTPUT_DIR", output, "MODEL.DEVICE", device, "MODEL.CONTEXT_MODULE", args.context_module, *args.opts]
@@ -110,15 +114,13 @@ def save_val_attention(model, cfg, val_split, output_png: str, num_images: int, 
     for image_id in sorted(coco.getImgIds())[:num_images]:
         info = coco.loadImgs(image_id)[0]
         image = cv2.imread(os.path.join(image_root, info["file_name"]))
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
-        mask = np.any([coco.annToMask(a) for a in anns], axis=0) if anns else np.zeros(image.shape[:2], bool)
+        mask = vis.ground_truth_mask(coco, image_id)
         maps = vis.capture_attention(model, image, [name], cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)[name]
         rows.append({"image": image, "maps": maps, "mask": mask, "label": info["file_name"]})
     group = vis.select_groups([r["maps"] for r in rows], [r["mask"] for r in rows], top=1)[0]
     for row in rows:
         row["group"] = group
-    short = name.replace("backbone.bottom_up.", "").replace(".context", "")
-    title = f"ACM {short}, group {group} (its K or Q overlaps the ground truth most)\nwhite: ground-truth contours"
+    title = f"ACM {vis.short_name(name)}, group {group} (its K or Q overlaps the ground truth most)\nwhite: ground-truth contours"
     vis.render_attention(output_png, rows, title=title)
 
 

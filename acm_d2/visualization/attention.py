@@ -23,6 +23,8 @@ __all__ = [
     "overlap_scores",
     "select_groups",
     "render_attention",
+    "short_name",
+    "ground_truth_mask",
 ]
 
 Maps = Dict[str, np.ndarray]  # "K" / "Q" -> G x H x W attention, at the image's resolution
@@ -114,6 +116,18 @@ def capture_attention(
             up = np.stack([cv2.resize(a, (width, height), interpolation=cv2.INTER_LINEAR) for a in valid])
             out[name][head] = up / np.maximum(up.sum(axis=(1, 2), keepdims=True), 1e-12)
     return out
+
+
+def short_name(name: str) -> str:
+    """"backbone.bottom_up.res4.1.context" -> "res4.1", for titles."""
+    return name.replace("backbone.bottom_up.", "").replace(".context", "")
+
+
+def ground_truth_mask(coco, image_id: int) -> np.ndarray:
+    """The union of an image's annotation masks (H x W bool) from a pycocotools COCO object."""
+    info = coco.loadImgs(image_id)[0]
+    masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+    return np.any(masks, axis=0) if masks else np.zeros((info["height"], info["width"]), bool)
 
 
 def overlap_scores(maps: Maps, mask: np.ndarray) -> np.ndarray:
