@@ -1,7 +1,7 @@
 """`make demo` / `make demo-compare`: train a small ACM Mask R-CNN on the generated comparison dataset
 (acm_d2/data/synthetic.py), evaluate it with COCOEvaluator and draw its loss curve and attention maps.
 
-    python tools/demo.py --output output/demo                      # ACM, ~10 min on 2 CPU cores
+    python tools/demo.py --output output/demo                      # ACM, ~11 min on 2 CPU cores
     python tools/demo.py --output output/demo-compare --compare    # the same without and with ACM
     python tools/demo.py --output /tmp/d --num-train 8 SOLVER.MAX_ITER 10   # trailing KEY VALUE: config overrides
 
