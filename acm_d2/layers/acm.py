@@ -100,6 +100,17 @@ class AttendAndCompare(nn.Module):
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(conv.bias)
 
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> dict:
+        """The softmax attention that forward pools K and Q with, for input x (B x C x H x W):
+        {"K": B x G x H x W, "Q": ...}, float32 (float64 for float64 x), each map summing to 1.
+        Only the heads this variant has ("p_only": none, {})."""
+        if not self.use_k:
+            return {}
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        attn = _attention_weights(x, self._logit_convs(), self.num_groups).unflatten(-1, x.shape[2:])
+        return dict(zip("KQ", attn.unbind(1)))
+
     @property
     def has_orth_term(self) -> bool:
         return self.use_k and self.use_q
@@ -165,8 +176,15 @@ def _attention_pool(x: torch.Tensor, convs, num_groups: int) -> torch.Tensor:
     """
     B, C, H, W = x.shape
     xg = x.reshape(B, num_groups, C // num_groups, H * W)
+    attn = _attention_weights(x, convs, num_groups)
+    return torch.einsum("bgcn,bjgn->bjgc", xg, attn).reshape(B, len(convs), C)
+
+
+def _attention_weights(x: torch.Tensor, convs, num_groups: int) -> torch.Tensor:
+    """softmax over the H*W positions of each conv's logits, per group: B x len(convs) x G x H*W."""
+    B, C, H, W = x.shape
+    xg = x.reshape(B, num_groups, C // num_groups, H * W)
     weight = torch.stack([conv.weight.to(x.dtype).view(num_groups, C // num_groups) for conv in convs])  # J x G x C/G
     bias = torch.stack([conv.bias.to(x.dtype) for conv in convs])  # J x G
     logits = torch.einsum("bgcn,jgc->bjgn", xg, weight) + bias[None, :, :, None]
-    attn = logits.softmax(dim=-1)
-    return torch.einsum("bgcn,bjgn->bjgc", xg, attn).reshape(B, len(convs), C)
+    return logits.softmax(dim=-1)
