@@ -143,9 +143,11 @@ def build_resumable_train_loader(cfg, mapper=None, seed=None):
     stream = ResumableTrainStream(
         args["dataset"], args["mapper"], args["sampler"], total // world_size, args["aspect_ratio_grouping"], seed
     )
+    # Its own generator: creating the iterator (at the first step) must not draw from the global one,
+    # which ExactResumeHook has just seeded for that step.
     return DataLoader(
         stream, batch_size=None, num_workers=args["num_workers"], collate_fn=trivial_batch_collator,
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(int(seed)),
     )
 
 
