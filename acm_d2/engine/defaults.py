@@ -62,7 +62,8 @@ def _non_default_keys(cfg, nodes):
     def norm(v):
         return list(v) if isinstance(v, (list, tuple)) else v
 
-    keys = [f"MODEL.{n}.{k}" for n in nodes for k in cfg.MODEL[n] if norm(cfg.MODEL[n][k]) != norm(default.MODEL[n][k])]
+    nodes_ = [n for n in nodes if n != "CONTEXT_MODULE"]
+    keys = [f"MODEL.{n}.{k}" for n in nodes_ for k in cfg.MODEL[n] if norm(cfg.MODEL[n][k]) != norm(default.MODEL[n][k])]
     if "CONTEXT_MODULE" in nodes and cfg.MODEL.CONTEXT_MODULE != default.MODEL.CONTEXT_MODULE:
         keys.insert(0, "MODEL.CONTEXT_MODULE")
     return keys
