@@ -4,6 +4,8 @@ import logging
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_acm_config
 from ..data.datasets import register_coco_dataset
@@ -49,6 +51,8 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup logs "detectron2" and "fvcore"; acm_d2's own messages go to the same console and log file.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2")
     if fallback:
         logging.getLogger("acm_d2").warning("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
     return cfg
