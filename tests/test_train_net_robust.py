@@ -81,9 +81,9 @@ def test_kill_9_while_saving_and_while_training_then_resume(tiny_dataset, tmp_pa
     time.sleep(random.uniform(0.0, 1.5))
     proc.send_signal(signal.SIGKILL)
     log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
     assert "Starting training from iteration 2" in log and "Removed 1 incomplete checkpoint file" in log
-    last = assert_checkpoints_complete(out)
-    assert not list(out.glob(".*.tmp")) or True  # a kill mid-save may leave one; the next resume removes it
+    last = assert_checkpoints_complete(out)  # a kill mid-save may also leave a .tmp: the next resume removes it
 
     # 3. Resumed again: continues after the last complete checkpoint and finishes.
     start = int(re.match(r"model_(\d+)\.pth", last).group(1)) + 1
