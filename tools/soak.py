@@ -114,7 +114,8 @@ def main(argv=None):
     watch = MemoryWatch(args.sample_every)
     trainer.register_hooks([watch])
     trainer.resume_or_load(resume=False)
-    results = trainer.train()  # ends with the COCO evaluation of DATASETS.TEST
+    trainer.train()  # ends with the COCO evaluation of DATASETS.TEST
+    results = getattr(trainer, "_last_eval_results", None)  # DefaultTrainer keeps the final evaluation there
 
     first, last = growth(watch.samples, args.warmup)
     results = results.get(val_name, results) if results else {}  # one test set: Detectron2 unwraps it
