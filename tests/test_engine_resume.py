@@ -60,7 +60,7 @@ def test_resumed_run_has_the_losses_of_an_uninterrupted_run(tiny_dataset, tmp_pa
     # 5 iterations of 2 images from 8: the data stream crosses an epoch at iteration 4, the LR warms up
     # until iteration 3 and drops at iteration 4, all after the resume point.
     opts = ("SOLVER.MAX_ITER", 5, "SOLVER.STEPS", (4,), "SOLVER.WARMUP_ITERS", 3, "SOLVER.CHECKPOINT_PERIOD", 2,
-            "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", ())
+            "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64)
     full, _ = train(trainer_cfg(tiny_dataset, tmp_path / "full", *opts))
     # Killed during iteration 3: the last checkpoint is model_0000001.pth, iteration 2 is done again.
     train(trainer_cfg(tiny_dataset, tmp_path / "cut", *opts), interrupt_at=3)
