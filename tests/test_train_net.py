@@ -69,4 +69,5 @@ def test_missing_coco_dataset_file_is_a_clear_error(tmp_path):
 def test_two_process_cpu_training(tiny_dataset, tmp_path):
     log = run_train_net(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", "2", num_gpus=2)
     assert (tmp_path / "model_final.pth").exists()
+    assert "Ranks hold identical weights after training (2 processes compared)" in log
     assert "Evaluation results for bbox" in log

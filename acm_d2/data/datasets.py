@@ -2,7 +2,8 @@
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+
+from .validate import load_validated_coco_json
 
 __all__ = ["register_coco_dataset"]
 
@@ -12,6 +13,8 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
 
     Registering the same name with the same files again is a no-op (DDP workers re-run it); a name
     already taken by other files, or a missing file or folder, is a ValueError that says which.
+    The annotations are checked when the dataset is first loaded (acm_d2.data.validate): a malformed
+    file is an error naming the file and record; unusable records are dropped and logged.
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"--coco-dataset {name}: annotation file {json_file!r} does not exist")
@@ -25,4 +28,6 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
         raise ValueError(
             f"--coco-dataset {name}: the name is already registered (to {meta.get('json_file')!r}); pick another name"
         )
-    register_coco_instances(name, {}, json_file, image_root)
+    # As Detectron2's register_coco_instances, with the validating loader.
+    DatasetCatalog.register(name, lambda: load_validated_coco_json(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")

@@ -1,16 +1,75 @@
-"""The acm_d2 Trainer: Detectron2's DefaultTrainer with COCO evaluation and multi-process CPU training."""
+"""The acm_d2 Trainer: Detectron2's DefaultTrainer with COCO evaluation, multi-process CPU training,
+atomic checkpoints, exact resume, and a clear stop on a non-finite loss."""
 import logging
+import math
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+import torch
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["Trainer", "create_ddp_model_any_device"]
+from ..checkpoint.checkpointer import AtomicCheckpointer
+from .defaults import check_context_keys
+from .resume import ExactResumeHook, ResumableTrainStream, build_resumable_train_loader
+
+__all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "create_ddp_model_any_device"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became inf or NaN; the message names the term(s), the iteration and the last checkpoint."""
+
+
+class _StopOnNonFiniteLoss:
+    """Checks this rank's loss terms before Detectron2 writes them (and before the optimizer steps), and
+    raises NonFiniteLossError naming the non-finite ones. Detectron2 would raise a FloatingPointError on
+    the main rank only, for the rank-averaged sum. One host sync per step, as Detectron2's .item() calls."""
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        values = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
+        if not bool(torch.isfinite(values).all()):
+            terms = {k: float(v) for k, v in zip(loss_dict, values.cpu())}
+            bad = ", ".join(f"{k} = {v}" for k, v in terms.items() if not math.isfinite(v))
+            good = ", ".join(f"{k} = {v:.4g}" for k, v in terms.items() if math.isfinite(v))
+            hint = " (lower MODEL.ACM.ORTH_LOSS_WEIGHT)" if "loss_acm_orth" in bad else ""
+            raise NonFiniteLossError(
+                f"Loss became infinite or NaN at iteration {self.iter if iter is None else iter}"
+                f"{f' on rank {comm.get_rank()}' if comm.get_world_size() > 1 else ''}: {bad}{hint}; "
+                f"finite terms: {good or 'none'}. Lower SOLVER.BASE_LR or raise SOLVER.WARMUP_ITERS."
+            )
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+
+class _SimpleTrainer(_StopOnNonFiniteLoss, SimpleTrainer):
+    pass
+
+
+class _AMPTrainer(_StopOnNonFiniteLoss, AMPTrainer):
+    pass
+
+
+class RanksInSyncCheck(HookBase):
+    """After a completed multi-process run, checks that every rank holds the same weights (DDP keeps them
+    identical unless a rank skipped a step or a parameter missed the all-reduce); logs the result."""
+
+    def after_train(self):
+        if comm.get_world_size() == 1 or self.trainer.iter < self.trainer.max_iter:
+            return
+        model = self.trainer.model.module if hasattr(self.trainer.model, "module") else self.trainer.model
+        with torch.no_grad():
+            mine = [float(p.double().sum()) for p in model.parameters()]
+        everyone = comm.all_gather(mine)
+        differing = [i for i, p in enumerate(mine) if any(other[i] != p for other in everyone)]
+        if differing:
+            names = [n for n, _ in model.named_parameters()]
+            logger.error(f"Ranks hold different weights after training in {len(differing)} tensors, e.g. {names[differing[0]]}")
+        else:
+            logger.info(f"Ranks hold identical weights after training ({comm.get_world_size()} processes compared)")
 
 
 def create_ddp_model_any_device(model, **kwargs):
@@ -21,11 +80,20 @@ def create_ddp_model_any_device(model, **kwargs):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer whose evaluator is COCOEvaluator (bbox, and segm with masks) and whose DDP wrapper
-    also works for CPU models: PyTorch refuses `device_ids` for a module on the CPU (gloo)."""
+    """DefaultTrainer with:
+
+    * COCOEvaluator (bbox, and segm with masks) as the evaluator;
+    * a DDP wrapper that also works for CPU models (PyTorch refuses `device_ids` for a CPU module);
+    * AtomicCheckpointer: a killed run never leaves a truncated checkpoint or a `last_checkpoint` naming one;
+    * exact resume (acm_d2.engine.resume): data order, augmentation and random draws continue as in an
+      uninterrupted run with the same cfg.SEED; the optimizer, LR scheduler and AMP grad scaler are
+      restored by Detectron2 itself;
+    * NonFiniteLossError naming the loss term(s) when a loss becomes inf/NaN; no checkpoint is written
+      and no evaluation runs after such a step, so `last_checkpoint` names the last good weights.
+    """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ with one change, the device_ids given to create_ddp_model.
+        # DefaultTrainer.__init__ with the changes above.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -34,15 +102,65 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        if cfg.SOLVER.AMP.ENABLED:
+            precision = getattr(torch, cfg.SOLVER.AMP.PRECISION)  # Detectron2's config has no key for it
+            self._trainer = _AMPTrainer(model, data_loader, optimizer, precision=precision)
+        else:
+            self._trainer = _SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        stream = getattr(data_loader, "dataset", None)
+        if isinstance(stream, ResumableTrainStream):
+            seed = stream.seed
+        else:
+            stream, seed = None, cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        self._resume_hook = ExactResumeHook(seed, stream)
+        self._stopped_on_nonfinite_loss = False
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's build_model after check_context_keys (keys the model would ignore are an error)."""
+        check_context_keys(cfg)
+        return super().build_model(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """A loader whose batch i depends only on (cfg.SEED, i, rank): see acm_d2.engine.resume."""
+        return build_resumable_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    def build_hooks(self):
+        return [self._resume_hook, *super().build_hooks(), RanksInSyncCheck()]
+
+    def resume_or_load(self, resume=True):
+        if resume and comm.is_main_process():
+            self.checkpointer.remove_stale_temporaries()
+        super().resume_or_load(resume=resume)
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except NonFiniteLossError as error:
+            self._stopped_on_nonfinite_loss = True
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+            raise NonFiniteLossError(
+                f"{error} Training stopped without saving; the last good checkpoint is "
+                f"{last or 'none (none was saved)'}."
+            ) from None
+
+    def after_train(self):
+        if not self._stopped_on_nonfinite_loss:
+            return super().after_train()
+        # A non-finite step: skip the hooks that would save (model_final) or evaluate the model.
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if not isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook, RanksInSyncCheck)):
+                h.after_train()

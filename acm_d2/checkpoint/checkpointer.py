@@ -1,0 +1,201 @@
+"""A DetectionCheckpointer that writes atomically and says clearly what is wrong with a checkpoint.
+
+Saving: fvcore writes `model_*.pth` in place and then overwrites `last_checkpoint`, so a process killed
+mid-write leaves a truncated `.pth` that `last_checkpoint` may already name (or will, on the next
+resume, name the previous file while a half-written one sits beside it). Here both files are written to
+a hidden temporary file in the same folder, flushed, fsync'ed and moved into place with os.replace (an
+atomic rename on POSIX and Windows), and the folder is fsync'ed: after a kill at any moment every
+`*.pth` is complete and `last_checkpoint` names a complete file. A killed save leaves at most a hidden
+`.*.tmp` file, which `remove_stale_temporaries` deletes.
+
+Loading: a missing, unreadable (truncated, not a PyTorch file) or foreign checkpoint (no model state dict,
+no key in common with the model, or backbone tensors of other shapes) is a CheckpointError naming the
+file. Loading a checkpoint without context-module weights (an ImageNet or baseline checkpoint into an
+ACM model) logs one summary that separates the context-module keys, which are expected to be missing,
+from any other missing key.
+"""
+import glob
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["AtomicCheckpointer", "CheckpointError", "atomic_write", "is_context_key"]
+
+_TMP_SUFFIX = ".tmp"
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file."""
+
+
+def is_context_key(key: str) -> bool:
+    """Whether a state-dict key belongs to a context module (ACM or a peer) of an acm_d2 backbone block."""
+    return ".context." in key
+
+
+def atomic_write(path: str, write, mode: str = "wb") -> None:
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A reader (or a resumed run) sees the old file or the complete new one, never a partial one.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _group(keys, limit=8):
+    """A short, readable list of keys: their module prefixes, with counts."""
+    groups = {}
+    for key in sorted(keys):
+        prefix = key.rsplit(".", 1)[0]
+        groups[prefix] = groups.get(prefix, 0) + 1
+    items = [f"{p} ({n})" if n > 1 else p for p, n in groups.items()]
+    more = f", ... and {len(items) - limit} more modules" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves and explicit errors for unusable checkpoints (see module doc).
+
+    Remote save folders (a `scheme://` path served by Detectron2's PathManager) keep fvcore's writes.
+    """
+
+    def _local(self) -> bool:
+        return "://" not in self.save_dir
+
+    # ---- saving -----------------------------------------------------------------------------------
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not self._local():
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
+
+    def remove_stale_temporaries(self) -> list:
+        """Delete the temporary files that a killed save left in save_dir; return their paths."""
+        if not self.save_dir or not self.save_to_disk or not self._local():
+            return []
+        stale = glob.glob(os.path.join(self.save_dir, f".*{_TMP_SUFFIX}"))
+        stale = [p for p in stale if os.path.basename(p).startswith((".model_", ".last_checkpoint."))]
+        for path in stale:
+            os.remove(path)
+        if stale:
+            self.logger.warning(f"Removed {len(stale)} incomplete checkpoint file(s) left by an interrupted save: {stale}")
+        return stale
+
+    # ---- loading ----------------------------------------------------------------------------------
+    def load(self, path, *args, **kwargs):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist (check MODEL.WEIGHTS, or last_checkpoint in OUTPUT_DIR)")
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = None
+
+    def _torch_load(self, f):
+        try:
+            loaded = super()._torch_load(f)
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read checkpoint {f!r} ({type(error).__name__}: {str(error)[:300]}): the file is truncated "
+                "(an interrupted copy or save) or is not a PyTorch checkpoint"
+            ) from error
+        if not isinstance(loaded, Mapping):
+            raise CheckpointError(f"checkpoint {f!r} holds a {type(loaded).__name__}, not a dict with a model state dict")
+        return loaded
+
+    def _load_file(self, filename):
+        try:
+            loaded = super()._load_file(filename)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read checkpoint {filename!r} ({type(error).__name__}: {str(error)[:300]})"
+            ) from error
+        state = loaded.get("model")
+        if not isinstance(state, Mapping) or not state:
+            raise CheckpointError(f"checkpoint {filename!r} has no model state dict (its 'model' entry is {type(state).__name__})")
+        bad = [k for k, v in state.items() if not isinstance(k, str) or not hasattr(v, "shape")]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {filename!r} is not a model state dict: {len(bad)} entries are not named tensors, e.g. {bad[0]!r}"
+            )
+        return loaded
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        name = getattr(self, "_loading", None) or "the checkpoint"
+        model_keys = set(self.model.state_dict())
+        missing = set(incompatible.missing_keys)
+        if model_keys and missing >= model_keys - {"pixel_mean", "pixel_std"}:
+            raise CheckpointError(
+                f"checkpoint {name!r} shares no parameter with this model (its keys are e.g. "
+                f"{sorted(incompatible.unexpected_keys)[:3]}): it is a checkpoint of another model"
+            )
+        backbone_shapes = [s for s in incompatible.incorrect_shapes if s[0].startswith("backbone.")]
+        if backbone_shapes:
+            key, in_file, in_model = backbone_shapes[0]
+            raise CheckpointError(
+                f"checkpoint {name!r} is for another backbone: {len(backbone_shapes)} backbone tensors have other "
+                f"shapes, e.g. {key} is {tuple(in_file)} in the file but {tuple(in_model)} in the model "
+                "(check MODEL.RESNETS.DEPTH, NUM_GROUPS, WIDTH_PER_GROUP and MODEL.FPN.OUT_CHANNELS)"
+            )
+        context = sorted(k for k in missing if is_context_key(k))
+        other = sorted(k for k in missing if not is_context_key(k))
+        if context or other:
+            msg = f"Loaded {name}: "
+            if context:
+                msg += (
+                    f"{len(context)} context-module (ACM) parameters are not in it and keep their initialisation "
+                    "(expected for an ImageNet or baseline checkpoint). "
+                )
+            if other:
+                msg += f"{len(other)} other parameters are missing too and keep their initialisation: {_group(other)}."
+            else:
+                msg += "No other parameter is missing."
+            (self.logger.warning if other else self.logger.info)(msg)
+        return incompatible

@@ -1,0 +1,117 @@
+"""Exact resume, in-process (no subprocess start-up): the steps after `resume_or_load(resume=True)` have
+the same losses as those of an uninterrupted run with the same cfg.SEED."""
+import json
+import os
+
+import pytest
+import torch
+from detectron2.utils.env import seed_all_rng
+
+from acm_d2.data.datasets import register_coco_dataset
+from acm_d2.engine import ResumableTrainStream, Trainer
+from acm_d2.engine.resume import build_resumable_train_loader
+from conftest import small_cfg
+from test_train_net import SMALL
+
+LOSS_TERMS = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc", "loss_acm_orth")
+
+
+def trainer_cfg(tiny_dataset, output_dir, *opts):
+    for split, (json_file, image_root) in tiny_dataset.items():
+        register_coco_dataset(f"tiny_{split}", json_file, image_root)
+    cfg = small_cfg("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml", *SMALL, "OUTPUT_DIR", str(output_dir), *opts)
+    return cfg
+
+
+class Interrupt(Exception):
+    pass
+
+
+def train(cfg, resume=False, interrupt_at=None):
+    """Train as tools/train_net.py does (seeded as default_setup seeds); return {iteration: {term: loss}}."""
+    from detectron2.engine import HookBase
+
+    losses = {}
+
+    class Record(HookBase):
+        def after_step(self):
+            if interrupt_at is not None and self.trainer.iter + 1 == interrupt_at:
+                raise Interrupt()  # as if killed after this step: whatever came after the last checkpoint is lost
+            hist = self.trainer.storage.histories()
+            losses[self.trainer.iter] = {k: hist[k].latest() for k in LOSS_TERMS + ("total_loss", "lr")}
+
+    seed_all_rng(cfg.SEED)
+    trainer = Trainer(cfg)
+    trainer.register_hooks([Record()])
+    trainer.resume_or_load(resume=resume)
+    try:
+        trainer.train()
+    except Interrupt:
+        pass
+    return losses, trainer
+
+
+def final_metrics_row(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f][-1]
+
+
+def test_resumed_run_has_the_losses_of_an_uninterrupted_run(tiny_dataset, tmp_path):
+    # 5 iterations of 2 images from 8: the data stream crosses an epoch at iteration 4, the LR warms up
+    # until iteration 3 and drops at iteration 4, all after the resume point.
+    opts = ("SOLVER.MAX_ITER", 5, "SOLVER.STEPS", (4,), "SOLVER.WARMUP_ITERS", 3, "SOLVER.CHECKPOINT_PERIOD", 2,
+            "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64)
+    full, _ = train(trainer_cfg(tiny_dataset, tmp_path / "full", *opts))
+    # Killed during iteration 3: the last checkpoint is model_0000001.pth, iteration 2 is done again.
+    train(trainer_cfg(tiny_dataset, tmp_path / "cut", *opts), interrupt_at=3)
+    assert (tmp_path / "cut" / "last_checkpoint").read_text() == "model_0000001.pth"
+    resumed, trainer = train(trainer_cfg(tiny_dataset, tmp_path / "cut", *opts), resume=True)
+    assert trainer.start_iter == 2 and sorted(resumed) == [2, 3, 4]
+    for it in (2, 3, 4):
+        # Exact: the same CPU kernels on the same inputs in the same order give the same bits.
+        assert resumed[it] == full[it], (it, resumed[it], full[it])
+    assert len({full[it]["lr"] for it in (2, 3, 4)}) == 3 and full[0] != full[2]  # not vacuous
+    # Smoothed metrics (median over 20 iterations) include the restored pre-resume history.
+    a, b = final_metrics_row(tmp_path / "full"), final_metrics_row(tmp_path / "cut")
+    assert a["iteration"] == b["iteration"] == 4
+    assert {k: a[k] for k in LOSS_TERMS} == {k: b[k] for k in LOSS_TERMS}
+
+
+def _file_names(batches):
+    return [[d["file_name"] for d in batch] for batch in batches]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_stream_restarts_at_any_batch_with_the_same_images_and_augmentation(tiny_dataset, tmp_path, num_workers):
+    cfg = trainer_cfg(tiny_dataset, tmp_path, "DATALOADER.NUM_WORKERS", num_workers, "INPUT.RANDOM_FLIP", "horizontal")
+    loader = build_resumable_train_loader(cfg)
+    assert isinstance(loader.dataset, ResumableTrainStream)
+    stream = iter(loader)
+    batches = [next(stream) for _ in range(7)]
+    loader.dataset.start_iter = 4
+    restarted = iter(loader)
+    later = [next(restarted) for _ in range(3)]
+    assert _file_names(later) == _file_names(batches[4:])
+    for a, b in zip(later, batches[4:]):
+        for x, y in zip(a, b):
+            assert torch.equal(x["image"], y["image"])  # the same flips
+    epoch = sorted(name for batch in _file_names(batches[:4]) for name in batch)
+    assert epoch == sorted(set(epoch)) and len(epoch) == 8  # 4 batches of 2: each of the 8 images once
+
+
+def test_amp_grad_scaler_state_is_restored_on_resume(tiny_dataset, tmp_path):
+    """AMPTrainer needs CUDA to step, so this checks the checkpoint path only: the grad scaler state
+    saved with a checkpoint is the one a resumed trainer gets."""
+    cfg = trainer_cfg(tiny_dataset, tmp_path, "SOLVER.AMP.ENABLED", True)
+
+    def trainer_with_scaler(scale):
+        trainer = Trainer(cfg)
+        trainer._trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        return trainer
+
+    first = trainer_with_scaler(1024.0)
+    first._trainer.grad_scaler._init_growth_tracker = 7
+    first.checkpointer.save("model_0000004")
+    resumed = trainer_with_scaler(2.0)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 1 and resumed._trainer.grad_scaler.get_scale() == 1024.0
