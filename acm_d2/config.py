@@ -1,5 +1,6 @@
 """The config keys of acm_d2, in one place: `add_acm_config(cfg)` adds them, `validate_acm_config(cfg)`
 checks the values a user merged in (it runs when a backbone or meta-architecture is built)."""
+import torch
 from detectron2.config import CfgNode as CN
 
 from .layers.acm import ACM_IMPLS, ACM_VARIANTS
@@ -100,6 +101,13 @@ def _check_blocks(key, blocks):
         _fail(key, list(blocks), "a list of block indices (integers, negative from the end; [] = every block)")
 
 
+def amp_precision(cfg):
+    """The torch dtype of cfg.SOLVER.AMP.PRECISION (ValueError naming the key if it is not one of them)."""
+    if cfg.SOLVER.AMP.PRECISION not in AMP_PRECISIONS:
+        _fail("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION, list(AMP_PRECISIONS))
+    return getattr(torch, cfg.SOLVER.AMP.PRECISION)
+
+
 def validate_acm_config(cfg):
     """Raise ValueError naming the key, the bad value and the allowed values."""
     if "ACM" not in cfg.MODEL:
@@ -115,8 +123,6 @@ def validate_acm_config(cfg):
         _fail("MODEL.ACM.ORTH_LOSS_WEIGHT", acm.ORTH_LOSS_WEIGHT, "a number >= 0")
     if acm.IMPL not in ACM_IMPLS:
         _fail("MODEL.ACM.IMPL", acm.IMPL, list(ACM_IMPLS))
-    if cfg.SOLVER.AMP.PRECISION not in AMP_PRECISIONS:
-        _fail("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION, list(AMP_PRECISIONS))
     if acm.ORTH_LOSS_MODE not in ORTH_LOSS_MODES:
         _fail("MODEL.ACM.ORTH_LOSS_MODE", acm.ORTH_LOSS_MODE, list(ORTH_LOSS_MODES))
     if acm.ORTH_LOSS_MODE == "official" and "res5" not in acm.STAGES and cfg.MODEL.CONTEXT_MODULE == "ACM":

@@ -40,3 +40,12 @@ def test_mixed_precision_training_step_is_finite_and_close_to_fp32(dtype):
     torch.testing.assert_close(mixed["loss_acm_orth"].float(), full["loss_acm_orth"], rtol=0.1, atol=1e-4)
     sum(mixed.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_amp_precision_key_selects_the_autocast_dtype():
+    from acm_d2.config import amp_precision
+
+    assert amp_precision(small_cfg(ACM_R18[0])) == torch.float16  # Detectron2's AMPTrainer default
+    assert amp_precision(small_cfg(ACM_R18[0], "SOLVER.AMP.PRECISION", "bfloat16")) == torch.bfloat16
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
+        amp_precision(small_cfg(ACM_R18[0], "SOLVER.AMP.PRECISION", "fp8"))

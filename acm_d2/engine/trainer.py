@@ -13,6 +13,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import AtomicCheckpointer
+from ..config import amp_precision
 from .defaults import check_context_keys
 from .resume import ExactResumeHook, ResumableTrainStream, build_resumable_train_loader
 
@@ -103,8 +104,7 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
         if cfg.SOLVER.AMP.ENABLED:
-            precision = getattr(torch, cfg.SOLVER.AMP.PRECISION)  # Detectron2's config has no key for it
-            self._trainer = _AMPTrainer(model, data_loader, optimizer, precision=precision)
+            self._trainer = _AMPTrainer(model, data_loader, optimizer, precision=amp_precision(cfg))
         else:
             self._trainer = _SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)

@@ -99,7 +99,7 @@ def context_builder(name="ACM", **nodes):
 
     from ..config import add_acm_config, validate_acm_config
 
-    cfg = CfgNode({"MODEL": CfgNode()})
+    cfg = CfgNode({"MODEL": CfgNode(), "SOLVER": CfgNode({"AMP": CfgNode()})})  # the nodes add_acm_config extends
     add_acm_config(cfg)
     cfg.MODEL.CONTEXT_MODULE = name
     for node, values in nodes.items():
