@@ -82,7 +82,12 @@ def build(config_file, opts, device):
     cfg = get_cfg()
     acm_d2.add_acm_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, *opts])
+    # Score threshold 0: every model keeps its full quota of detections at inference, so the heads do the
+    # same work whatever scores the random weights give (else the mask head's cost varies between models).
+    cfg.merge_from_list(
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+         "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, *opts]
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     # lr 0: every step does the full SGD work while the random weights, and so the work, stay fixed.
