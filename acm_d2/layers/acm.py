@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._precision import at_least_float32
 from .acm_fused import FUSED_VARIANTS, acm_fused, triton_available
 
 __all__ = ["AttendAndCompare", "ACM_VARIANTS", "ACM_IMPLS"]
@@ -107,7 +108,7 @@ class AttendAndCompare(nn.Module):
         Only the heads this variant has ("p_only": none, {})."""
         if not self.use_k:
             return {}
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        x = at_least_float32(x)
         attn = _attention_weights(x, self._logit_convs(), self.num_groups).unflatten(-1, x.shape[2:])
         return dict(zip("KQ", attn.unbind(1)))
 
@@ -143,9 +144,9 @@ class AttendAndCompare(nn.Module):
             )
             return y
         in_dtype = x.dtype
-        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.to(dtype)
+            x = at_least_float32(x)
+            dtype = x.dtype
             mu = x.mean(dim=(2, 3))  # B x C
             y = x
             convs = self._logit_convs()
