@@ -8,6 +8,8 @@ from .layers.acm import ACM_IMPLS, ACM_VARIANTS
 RESNET_STAGES = ("res2", "res3", "res4", "res5")
 ORTH_LOSS_MODES = ("paper", "official")
 AMP_PRECISIONS = ("float16", "bfloat16")
+# The context modules other than ACM, each with its cfg.MODEL.<name> node.
+PEER_MODULES = ("SE", "GC", "NL", "CC")
 
 
 def add_acm_config(cfg):
@@ -127,7 +129,7 @@ def validate_acm_config(cfg):
         _fail("MODEL.ACM.ORTH_LOSS_MODE", acm.ORTH_LOSS_MODE, list(ORTH_LOSS_MODES))
     if acm.ORTH_LOSS_MODE == "official" and "res5" not in acm.STAGES and cfg.MODEL.CONTEXT_MODULE == "ACM":
         _fail("MODEL.ACM.ORTH_LOSS_MODE", "official", "'paper', or add res5 to MODEL.ACM.STAGES ('official' sums the res5 ACMs only)")
-    for peer in ("SE", "GC", "NL", "CC"):
+    for peer in PEER_MODULES:
         _check_stages(f"MODEL.{peer}.STAGES", cfg.MODEL[peer].STAGES)
         _check_blocks(f"MODEL.{peer}.BLOCKS", cfg.MODEL[peer].BLOCKS)
     _check_positive_int("MODEL.SE.REDUCTION", cfg.MODEL.SE.REDUCTION)

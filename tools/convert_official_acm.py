@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from acm_d2.checkpoint.files import read_state_dict, write_atomically
+from acm_d2.checkpoint.files import atomic_write, read_state_dict
 from acm_d2.checkpoint.official import convert_official_state_dict
 
 
@@ -33,7 +33,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"error: {args.input}: {e}")
     checkpoint = {"model": converted, "__author__": "acm_d2 tools/convert_official_acm.py"}
-    write_atomically(args.output, lambda path: torch.save(checkpoint, path))
+    atomic_write(args.output, lambda f: torch.save(checkpoint, f))
     num_acm = sum(".context." in k for k in converted)
     print(f"wrote {args.output}: {len(converted)} tensors, {num_acm} of them ACM parameters", file=sys.stderr)
 

@@ -16,7 +16,7 @@ import argparse
 import pickle
 import sys
 
-from acm_d2.checkpoint.files import read_state_dict, write_atomically
+from acm_d2.checkpoint.files import atomic_write, read_state_dict
 from acm_d2.checkpoint.torchvision import INPUT_FORMATS, convert_torchvision_state_dict, torchvision_config
 
 
@@ -42,12 +42,7 @@ def main(argv=None):
         "__author__": "torchvision (acm_d2 tools/convert_torchvision_weights.py)",
         "matching_heuristics": True,
     }
-
-    def write(path):
-        with open(path, "wb") as f:
-            pickle.dump(checkpoint, f)
-
-    write_atomically(args.output, write)
+    atomic_write(args.output, lambda f: pickle.dump(checkpoint, f))
     print(f"wrote {args.output}: {len(converted)} tensors", file=sys.stderr)
     print("config options for these weights (append to the train_net.py command line):")
     print(" ".join(f"{k} {str(v).replace(' ', '')}" for k, v in zip(opts[::2], opts[1::2])))

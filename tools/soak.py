@@ -122,7 +122,7 @@ def main(argv=None):
     ap = {task: results[task]["AP"] for task in ("bbox", "segm") if task in results}
     ok_memory = last - first <= args.max_growth_mib
     ok_eval = bool(ap) and all(v == v for v in ap.values())  # AP present and not NaN
-    print(f"\n| iterations | RSS after warm-up (MiB) | RSS at the end (MiB) | growth (MiB) | allowed | bbox AP | segm AP |")
+    print("\n| iterations | RSS after warm-up (MiB) | RSS at the end (MiB) | growth (MiB) | allowed | bbox AP | segm AP |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.iters} | {first:.1f} | {last:.1f} | {last - first:+.1f} | {args.max_growth_mib:g} | "
           f"{ap.get('bbox', float('nan')):.2f} | {ap.get('segm', float('nan')):.2f} |")

@@ -17,15 +17,15 @@ from any other missing key.
 import glob
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicCheckpointer", "CheckpointError", "atomic_write", "is_context_key"]
+from .files import TMP_SUFFIX, atomic_write
 
-_TMP_SUFFIX = ".tmp"
+__all__ = ["AtomicCheckpointer", "CheckpointError", "is_context_key"]
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,40 +36,6 @@ class CheckpointError(ValueError):
 def is_context_key(key: str) -> bool:
     """Whether a state-dict key belongs to a context module (ACM or a peer) of an acm_d2 backbone block."""
     return ".context." in key
-
-
-def atomic_write(path: str, write, mode: str = "wb") -> None:
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    A reader (or a resumed run) sees the old file or the complete new one, never a partial one.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _group(keys, limit=8):
@@ -117,7 +83,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         """Delete the temporary files that a killed save left in save_dir; return their paths."""
         if not self.save_dir or not self.save_to_disk or not self._local():
             return []
-        stale = glob.glob(os.path.join(self.save_dir, f".*{_TMP_SUFFIX}"))
+        stale = glob.glob(os.path.join(self.save_dir, f".*{TMP_SUFFIX}"))
         stale = [p for p in stale if os.path.basename(p).startswith((".model_", ".last_checkpoint."))]
         for path in stale:
             os.remove(path)

@@ -1,11 +1,14 @@
-"""Reading and writing checkpoint files for the converters in tools/."""
+"""Reading checkpoint files, and writing any file so that a killed process never leaves half of it."""
 import os
 import pickle
-from typing import Callable, Dict
+import tempfile
+from typing import Dict
 
 import torch
 
-__all__ = ["read_state_dict", "write_atomically"]
+__all__ = ["read_state_dict", "atomic_write"]
+
+TMP_SUFFIX = ".tmp"  # atomic_write's temporaries are hidden files ".<name>.<random>.tmp"
 
 
 def read_state_dict(path: str) -> Dict:
@@ -30,8 +33,35 @@ def read_state_dict(path: str) -> Dict:
     return state
 
 
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """write(temporary_path), then rename it to `path`: an interrupted run never leaves a half-written file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+def atomic_write(path: str, write, mode: str = "wb") -> None:
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A reader (or a resumed run) sees the old file or the complete new one, never a partial one.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

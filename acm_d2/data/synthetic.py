@@ -19,6 +19,8 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
+from ..checkpoint.files import atomic_write
+
 __all__ = ["CLASSES", "SHAPES", "generate_split", "generate_dataset", "register_synthetic_dataset"]
 
 CLASSES = ("same_as_reference", "different_from_reference")
@@ -131,10 +133,7 @@ def generate_split(
         "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)],
     }
     json_file = os.path.join(output_dir, f"{split}.json")
-    tmp = json_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(coco, f)
-    os.replace(tmp, json_file)  # a reader never sees a half-written JSON
+    atomic_write(json_file, lambda f: json.dump(coco, f), "w")  # a reader never sees a half-written JSON
     return json_file, image_dir
 
 

@@ -7,14 +7,14 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_acm_config
+from ..config import PEER_MODULES, add_acm_config
 from ..data.datasets import register_coco_dataset
 
 __all__ = ["argument_parser", "setup", "setup_lazy", "register_datasets", "check_context_keys"]
 
 # The backbones that build context modules, and the config nodes of those modules.
 CONTEXT_BACKBONES = ("build_acm_resnet_backbone", "build_acm_resnet_fpn_backbone", "build_acm_retinanet_resnet_fpn_backbone")
-CONTEXT_NODES = ("ACM", "SE", "GC", "NL", "CC")
+CONTEXT_NODES = ("ACM",) + PEER_MODULES
 
 
 def argument_parser(epilog=None):
