@@ -22,7 +22,7 @@ every parameter used.
 The pooling, softmax and P run in float32 (float64 for float64 inputs) whatever the input dtype,
 autocast included: under fp16 the logits and the HW-long sums overflow or lose too much precision.
 
-`impl` picks the reference below or the fused form of acm_fused.py (same function, analytic backward
+`impl` picks the reference below or the fused form of acm_fused/ (same function, analytic backward
 that recomputes the attention instead of storing it; Triton kernels on CUDA).
 """
 from typing import Optional
@@ -57,7 +57,7 @@ class AttendAndCompare(nn.Module):
             C // reduction must both be divisible by it.
         reduction: P's hidden width is C // reduction (paper: 2).
         variant: one of ACM_VARIANTS (paper's default "full").
-        impl: "reference" (the code below), "fused" (acm_fused.py), or "auto": fused on CUDA when
+        impl: "reference" (the code below), "fused" (acm_fused/), or "auto": fused on CUDA when
             Triton is importable and on CPU, reference elsewhere. "p_only" has no attention to fuse
             and always runs the reference.
 
