@@ -122,7 +122,7 @@ def pip(*arguments):
 
 
 def resolve(roots, python_version, find_links, work):
-    """pip's resolution of `roots` for the target: canonical name -> (version, wheel URL or None)."""
+    """pip's resolution of `roots` for the target: canonical name -> (version, its Requirements)."""
     report = work / "report-target.json"
     pip(
         "install", "--dry-run", "--ignore-installed", "--quiet", "--report", report,
