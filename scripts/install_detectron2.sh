@@ -4,9 +4,19 @@
 # (upstream facebookresearch/detectron2 a59f0563 plus a Python 3.11 fix, see README), checked by sha256
 # and repacked as a pure-Python wheel: its compiled _C is for CPython 3.10 only and its stray
 # top-level `tools` package would shadow ours. Without _C, torchvision supplies NMS and ROIAlign.
+# Its metadata pins numpy<2, which the code does not need (it runs with numpy 2) and which would make
+# pip downgrade numpy, or fail without an index: the repacked wheel requires plain `numpy`.
+#
+# With --wheel-only DIR it installs nothing and only writes the repacked wheel into DIR
+# (used by scripts/build_wheelhouse.py); PYTHON is then only the pip and wheel that do the work.
 set -euo pipefail
-PY=${1:?usage: install_detectron2.sh PYTHON}
-if "$PY" -c "import detectron2" 2>/dev/null; then
+usage="usage: install_detectron2.sh [--wheel-only DIR] PYTHON"
+WHEEL_DIR=
+if [ "${1:-}" = "--wheel-only" ]; then
+  WHEEL_DIR=${2:?$usage}; shift 2
+fi
+PY=${1:?$usage}
+if [ -z "$WHEEL_DIR" ] && "$PY" -c "import detectron2" 2>/dev/null; then
   echo "detectron2 already importable: keeping it"; exit 0
 fi
 SHA=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
@@ -22,7 +32,13 @@ root="$work/u/sal_detectron2-0.7.2"
 rm -rf "$root/tools" "$root"/detectron2/_C*.so
 dist="$root/sal_detectron2-0.7.2.dist-info"
 sed -i -e 's/^Root-Is-Purelib: .*/Root-Is-Purelib: true/' -e 's/^Tag: .*/Tag: py3-none-any/' "$dist/WHEEL"
+sed -i -e 's/^Requires-Dist: numpy<2$/Requires-Dist: numpy/' "$dist/METADATA"
 sed -i -e '/^tools\//d' -e '/detectron2\/_C.*\.so/d' "$dist/RECORD"
+if [ -n "$WHEEL_DIR" ]; then
+  mkdir -p "$WHEEL_DIR"
+  "$PY" -m wheel pack -d "$WHEEL_DIR" "$root" >/dev/null
+  echo "wrote $WHEEL_DIR/sal_detectron2-0.7.2-py3-none-any.whl"; exit 0
+fi
 mkdir -p "$work/out"
 "$PY" -m wheel pack -d "$work/out" "$root" >/dev/null
 "$PY" -m pip install -q --no-deps "$work"/out/*.whl

@@ -1,0 +1,100 @@
+"""The offline wheelhouse (scripts/build_wheelhouse.py, `make wheelhouse`), checked without a network."""
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_build_wheelhouse():
+    spec = importlib.util.spec_from_file_location("build_wheelhouse", REPO / "scripts" / "build_wheelhouse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bw = _load_build_wheelhouse()
+
+
+def _requires(graph):
+    return {name: [Requirement(r) for r in reqs] for name, reqs in graph.items()}
+
+
+# A resolution shaped like the real one: acm_d2's needs reach numpy directly and through pycocotools,
+# matplotlib pulls a subtree of its own, black needs a backport only before Python 3.12.
+GRAPH = _requires(
+    {
+        "fvcore": ["numpy", "yacs>=0.1.8", "iopath>=0.1.7"],
+        "yacs": ["pyyaml"],
+        "pyyaml": [],
+        "iopath": ["tqdm", "portalocker"],
+        "tqdm": [],
+        "portalocker": [],
+        "numpy": [],
+        "pycocotools": ["numpy", "matplotlib>=2.1.0"],
+        "matplotlib": ["numpy>=1.23", "kiwisolver>=1.3.1", "fonttools"],
+        "kiwisolver": [],
+        "fonttools": ["brotli; extra == 'woff'"],
+        "brotli": [],
+        "black": ["click>=8", "tomli>=1.1.0; python_version < '3.11'", "backport; python_version < '3.12'"],
+        "click": [],
+        "tomli": [],
+        "backport": [],
+    }
+)
+ROOTS = [Requirement(r) for r in ("fvcore>=0.1.5", "pycocotools>=2.0.2", "black", "numpy")]
+
+
+def test_closure_leaves_out_excluded_distributions_and_what_only_they_need():
+    needed = bw.closure(ROOTS, GRAPH, {"matplotlib", "numpy"}, bw.marker_environment("3.12"))
+    assert needed == sorted(["fvcore", "yacs", "pyyaml", "iopath", "tqdm", "portalocker", "pycocotools", "black", "click"])
+
+
+def test_closure_evaluates_markers_for_the_target_python_not_this_one():
+    exclude = {"matplotlib", "numpy"}
+    assert "backport" in bw.closure(ROOTS, GRAPH, exclude, bw.marker_environment("3.11"))
+    assert "backport" not in bw.closure(ROOTS, GRAPH, exclude, bw.marker_environment("3.12"))
+    assert "tomli" not in bw.closure(ROOTS, GRAPH, exclude, bw.marker_environment("3.11"))
+
+
+def test_closure_follows_requested_extras_only():
+    env = bw.marker_environment("3.12")
+    assert "brotli" not in bw.closure(ROOTS, GRAPH, set(), env)
+    assert "brotli" in bw.closure([Requirement("fonttools[woff]")], GRAPH, set(), env)
+
+
+def test_closure_names_a_needed_distribution_that_pip_did_not_resolve():
+    graph = dict(GRAPH, click=[Requirement("colorama")])
+    with pytest.raises(SystemExit, match="colorama.*Python 3.12"):
+        bw.closure(ROOTS, graph, {"numpy"}, bw.marker_environment("3.12"))
+
+
+def test_refuses_a_non_empty_output_folder_before_building_anything(tmp_path):
+    (tmp_path / "old.whl").write_bytes(b"")
+    with pytest.raises(SystemExit, match="is not empty"):
+        bw.main(["--output", str(tmp_path), "--exclude", "torch"])
+
+
+def test_install_detectron2_wheel_only_without_a_folder_prints_usage():
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install_detectron2.sh"), "--wheel-only"], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "usage: install_detectron2.sh [--wheel-only DIR] PYTHON" in result.stderr
+
+
+def test_make_wheelhouse_passes_its_variables_to_the_script():
+    def dry_run(*variables):
+        result = subprocess.run(
+            ["make", "-n", "wheelhouse", *variables], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        return " ".join(result.stdout.replace("\\\n", " ").split())
+
+    default = dry_run()
+    assert "scripts/build_wheelhouse.py --output wheelhouse --exclude torch torchvision numpy pillow" in default
+    custom = dry_run("PYTHON_VERSION=3.12", "WHEELHOUSE=wheelhouse-gpu", "WHEELHOUSE_EXCLUDE=torch opencv-python-headless")
+    assert "--python-version 3.12 --output wheelhouse-gpu --exclude torch opencv-python-headless" in custom
