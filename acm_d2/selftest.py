@@ -145,7 +145,8 @@ def _outputs(forward: Callable, params: List[torch.Tensor], names: List[str], x,
 
 
 def _compare(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], dtype) -> dict:
-    """Max relative error (|got - want| over the largest |want|) per tensor and pass/fail with the CPU
+    """Max relative error per tensor (|got - want| over the largest |want|; for gradients over the largest
+    entry of any gradient, the scale of the float32 tolerance) and pass/fail with the CPU
     tests' tolerances (tests/test_layers_acm_fused.py): float32 inputs rtol 1e-5, atol 1e-5 for y and d,
     1e-5 times the largest gradient entry for gradients; bf16/fp16 inputs against float32 on the same
     values: y within one output ulp (2^-7 / 2^-10), d 1e-5, dx within an ulp of its largest entry,
@@ -172,7 +173,9 @@ def _compare(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], dtype)
         else:
             rtol, atol = 1e-4, 1e-4 * max(1.0, w.abs().max().item())
         diff = (g - w).abs()
-        errors[name] = diff.max().item() / max(w.abs().max().item(), 1e-30)
+        # The logits-bias gradients are exactly 0 in the fused form and rounding noise in the reference:
+        # relative to their own size that noise would read as a 100% error.
+        errors[name] = diff.max().item() / max(w.abs().max().item(), grad_scale if name in grad_names else 0.0, 1e-30)
         if not bool((diff <= atol + rtol * w.abs()).all()) or not bool(torch.isfinite(g).all()):
             failed.append(name)
     return {"max_rel_err": errors, "passed": not failed, "failed": failed}
@@ -339,7 +342,7 @@ def section_layer(ctx: Context) -> dict:
                 f"{fused['fwd+bwd']['vs_reference']:.2f}x reference)")
     return {
         "copy_bandwidth_gbs": bandwidth, "reps": reps, "timing": "CUDA events, L2 flushed before each call" if ctx.cuda else "perf_counter",
-        "counted": {"launches": list(layer.LAUNCH_CALLS), "syncs": list(layer.SYNC_CALLS) + ["memcpy DtoH"]} if ctx.cuda else None,
+        "counted": {"launches": f"runtime/driver calls named *{layer.LAUNCH_CALL}*", "syncs": list(layer.SYNC_CALLS) + ["memcpy DtoH"]} if ctx.cuda else None,
         "results": results,
     }
 
