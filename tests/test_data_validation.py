@@ -63,11 +63,13 @@ def bad_but_usable(coco, image_root):
     anns.append(dict(anns[2], id=1000, image_id=999))  # image id not in images
     cv2.imwrite(f"{image_root}/tiny.png", np.zeros((4, 4, 3), np.uint8))
     cv2.imwrite(f"{image_root}/strip.png", np.zeros((3, 200, 3), np.uint8))
+    cv2.imwrite(f"{image_root}/unannotated.png", np.zeros((96, 96, 3), np.uint8))
+    anns[3]["bbox"] = [200.0, 10.0, 20.0, 20.0]  # entirely right of its 96 px image
     extra = [
         {"id": 101, "file_name": "gone.png", "width": 96, "height": 96},
         {"id": 102, "file_name": "tiny.png", "width": 4, "height": 4},
         {"id": 103, "file_name": "strip.png", "width": 200, "height": 3},
-        {"id": 104, "file_name": "000001.png", "width": 96, "height": 96},  # no annotation
+        {"id": 104, "file_name": "unannotated.png", "width": 96, "height": 96},
     ]
     coco["images"] += extra
     anns.append(dict(anns[2], id=1001, image_id=101))
@@ -80,17 +82,18 @@ def test_recoverable_problems_are_dropped_and_logged(coco, tmp_path, tiny_datase
     with caplog.at_level(logging.INFO, logger="acm_d2.data.validate"):
         dicts = load_validated_coco_json(path, image_root)
     log = caplog.text
-    assert "dropped 1 images whose file is missing" in log and "ids 101" in log
-    assert "dropped 2 images under 8 px or with an aspect ratio over 32: ids 102, 103" in log
-    assert "dropped 1 annotations with degenerate boxes (w or h <= 0): ids 1" in log
-    assert "dropped 1 annotations whose polygons are empty" in log and "ids 2\n" in log
-    assert "dropped 1 annotations whose image_id is not in 'images': ids 1000" in log
-    assert "dropped 1 annotations of the dropped images: ids 1001" in log
+    assert "dropped 1 images whose file is missing" in log and "image 101 'gone.png'" in log
+    assert "dropped 2 images under 8 px or with an aspect ratio over 32: image 102 'tiny.png'; image 103 'strip.png'" in log
+    assert "dropped 1 annotations with degenerate boxes (w or h <= 0): annotation 1 (image 1 '000001.png')" in log
+    assert "dropped 1 annotations whose polygons are empty" in log and ": annotation 2 (image " in log
+    assert "dropped 1 annotations whose box lies entirely outside the image: annotation 4 (image " in log
+    assert "dropped 1 annotations whose image_id is not in 'images': annotation 1000\n" in log
+    assert "dropped 1 annotations of the dropped images: annotation 1001 (image 101 'gone.png')" in log
     assert "have no instance" in log
     ids = {d["image_id"] for d in dicts}
     assert ids == set(range(1, 9)) | {104}
     ann_ids = {a["id"] for d in dicts for a in d["annotations"]}
-    assert not ann_ids & {1, 2, 1000, 1001} and len(ann_ids) == len(coco["annotations"]) - 2
+    assert not ann_ids & {1, 2, 4, 1000, 1001} and len(ann_ids) == len(coco["annotations"]) - 3
 
 
 def test_training_stream_runs_through_a_dataset_with_dropped_records(coco, tmp_path, tiny_dataset):
