@@ -5,7 +5,7 @@ midway (an image is only read when its batch comes up) or exhausting memory.
 
 Errors (ValueError naming the file and the record): invalid JSON; a top level without "images" or
 "categories"; a category, image or annotation without its required keys, with a malformed bbox, or with
-a segmentation that is neither polygons nor RLE; duplicate image ids; two images with the same
+a segmentation that is neither polygons nor RLE (or an RLE whose counts are not integers); duplicate image ids; two images with the same
 file_name (each copy's instances would be background in the other); an annotation whose category_id is
 not among the categories.
 
@@ -94,14 +94,18 @@ def _polygons_kind(polygons, x_range, y_range) -> str:
 
 
 def _rle_matches(rle: dict, height, width) -> bool:
-    """The RLE's size is the image's and, when its counts are a list, they cover height * width pixels
-    (pycocotools allocates the mask from the size alone)."""
+    """The RLE's size is the image's (pycocotools allocates the mask from the size alone) and, when its
+    counts are a list, they cover height * width pixels. ValueError for counts that are no RLE at all
+    (load_coco_json would fail on them, dropped or not)."""
     size, counts = rle.get("size"), rle.get("counts")
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and 0 <= c < 2**32 for c in counts):
+            raise ValueError("RLE counts are not a list of non-negative 32-bit integers")
+    elif not isinstance(counts, str):
+        raise ValueError("RLE counts are neither a list of integers nor a compressed string")
     if not (isinstance(size, list) and size == [height, width]):
         return False
-    if isinstance(counts, list):
-        return all(isinstance(c, int) and c >= 0 for c in counts) and sum(counts) == height * width
-    return isinstance(counts, (str, bytes))
+    return not isinstance(counts, list) or sum(counts) == height * width
 
 
 def _annotation_kind(ann, image, margin) -> str:
