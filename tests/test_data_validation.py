@@ -255,3 +255,20 @@ def test_validation_costs_about_as_much_as_parsing_the_json(tmp_path):
     print(f"json.load {parse:.2f} s, validate_coco_json {seconds:.2f} s")
     assert dropped == {"images": set(), "annotations": set()}
     assert seconds < 3 * parse + 1
+
+
+@pytest.mark.parametrize("flag, kept", [("--no-check-images", True), ("--check-images", False), (None, False)])
+def test_check_images_flag_reaches_the_loader(coco, tmp_path, tiny_dataset, flag, kept):
+    import shutil
+
+    from detectron2.data import DatasetCatalog
+
+    from acm_d2.engine import argument_parser, register_datasets
+
+    image_root = str(tmp_path / "images")
+    shutil.copytree(tiny_dataset["train"][1], image_root)
+    open(f"{image_root}/000001.png", "wb").close()  # zero bytes
+    name = f"flag_{tmp_path.name}"
+    args = argument_parser().parse_args(["--coco-dataset", name, write(tmp_path, coco), image_root] + ([flag] if flag else []))
+    register_datasets(args)
+    assert (1 in {d["image_id"] for d in DatasetCatalog.get(name)}) == kept
