@@ -67,7 +67,10 @@ def register(tmp_path, tiny_dataset, change=None, name=None):
 
 @pytest.mark.parametrize(
     "config, key",
-    [(MASK_RCNN, "MODEL.ROI_HEADS.NUM_CLASSES"), ("COCO-Detection/retinanet_acm_R_50_FPN_1x.yaml", "MODEL.RETINANET.NUM_CLASSES")],
+    [
+        (MASK_RCNN, "MODEL.ROI_HEADS.NUM_CLASSES"),
+        ("COCO-Detection/retinanet_acm_R_50_FPN_1x.yaml", "MODEL.RETINANET.NUM_CLASSES"),
+    ],
 )
 def test_fewer_classes_than_categories_is_an_error_at_training_start(tmp_path, tiny_dataset, caplog, config, key):
     name, _ = register(tmp_path, tiny_dataset)
@@ -101,7 +104,8 @@ def test_rle_masks_switch_the_mapper_to_bitmasks_and_train(tmp_path, tiny_datase
                     "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0)
     with caplog.at_level(logging.INFO, logger="acm_d2.data.mapper"):
         loader = Trainer.build_train_loader(cfg)
-    assert f"3 of the {num_annotations(tiny_dataset)} training annotations" in caplog.text and "INPUT.MASK_FORMAT bitmask" in caplog.text
+    assert f"3 of the {num_annotations(tiny_dataset)} training annotations" in caplog.text
+    assert "INPUT.MASK_FORMAT bitmask" in caplog.text
     batch = next(iter(loader))
     assert all(isinstance(d["instances"].gt_masks, BitMasks) for d in batch)
     model = build_model(cfg)
@@ -118,7 +122,7 @@ def test_mask_rcnn_on_data_without_masks_is_refused_up_front(tmp_path, tiny_data
     name, path = register(tmp_path, tiny_dataset, drop_masks)
     cfg = small_cfg(MASK_RCNN, "DATASETS.TRAIN", (name,))
     total = num_annotations(tiny_dataset)
-    with pytest.raises(ValueError, match=f"MODEL.MASK_ON is True, but {total - 1} of the {total} annotations .*{path}.* "
-                                         "set MODEL.MASK_ON False .* or add masks"):
+    match = f"MODEL.MASK_ON is True, but {total - 1} of the {total} annotations .*{path}.* set MODEL.MASK_ON False"
+    with pytest.raises(ValueError, match=match + ".* or add masks"):
         Trainer.build_train_loader(cfg)
     Trainer.build_train_loader(small_cfg(MASK_RCNN, "DATASETS.TRAIN", (name,), "MODEL.MASK_ON", False))

@@ -5,9 +5,9 @@ midway (an image is only read when its batch comes up) or exhausting memory.
 
 Errors (ValueError naming the file and the record): invalid JSON; a top level without "images" or
 "categories"; a category, image or annotation without its required keys, with a malformed bbox, or with
-a segmentation that is neither polygons nor RLE (or an RLE whose counts are not integers); duplicate image ids; two images with the same
-file_name (each copy's instances would be background in the other); an annotation whose category_id is
-not among the categories.
+a segmentation that is neither polygons nor RLE (or an RLE whose counts are not integers); duplicate
+image ids; two images with the same file_name (each copy's instances would be background in the other);
+an annotation whose category_id is not among the categories.
 
 Dropped, with a warning listing the count and the first records:
   * annotations with a NaN, Inf or far-away coordinate (more than COORDINATE_MARGIN image sizes outside
@@ -143,14 +143,15 @@ def _annotation_kind(ann, image, margin) -> str:
 def _image_file_problem(path: str, width, height) -> Optional[str]:
     """Why the image at `path` cannot be trained on, or None. Reads the header and the last bytes only."""
     try:
-        if os.path.getsize(path) == 0:
+        num_bytes = os.path.getsize(path)
+        if num_bytes == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as image:
             real_size, image_format = image.size, image.format
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # Detectron2 applies EXIF rotations
                 real_size = real_size[::-1]
         with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 1024))
+            f.seek(max(0, num_bytes - 1024))
             tail = f.read()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return f"not a readable image ({type(e).__name__}: {e})"

@@ -169,7 +169,8 @@ def check_num_classes(cfg, dataset_names) -> None:
 
     log = logging.getLogger("acm_d2")
     for key, num_classes, field in _class_count_keys(cfg):
-        counts = {n: len(MetadataCatalog.get(n).get(field)) for n in dataset_names if MetadataCatalog.get(n).get(field, None)}
+        classes = {n: MetadataCatalog.get(n).get(field, None) for n in dataset_names}
+        counts = {n: len(c) for n, c in classes.items() if c}
         if not counts:
             continue
         name, categories = max(counts.items(), key=lambda item: item[1])
