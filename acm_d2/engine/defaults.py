@@ -1,4 +1,5 @@
 """Config and dataset set-up shared by tools/train_net.py, tools/lazyconfig_train_net.py and the demo."""
+import argparse
 import logging
 
 import torch
@@ -9,8 +10,9 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import PEER_MODULES, add_acm_config
 from ..data.datasets import register_coco_dataset
+from ..data.validate import AUTO_CHECK_MAX_IMAGES
 
-__all__ = ["argument_parser", "setup", "setup_lazy", "register_datasets", "check_context_keys"]
+__all__ = ["argument_parser", "setup", "setup_lazy", "register_datasets", "check_context_keys", "check_num_classes"]
 
 # The backbones that build context modules, and the config nodes of those modules.
 CONTEXT_BACKBONES = ("build_acm_resnet_backbone", "build_acm_resnet_fpn_backbone", "build_acm_retinanet_resnet_fpn_backbone")
@@ -28,12 +30,20 @@ def argument_parser(epilog=None):
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset that DATASETS.TRAIN / DATASETS.TEST can then name",
     )
+    parser.add_argument(
+        "--check-images",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="when a --coco-dataset is loaded, open every image's header (in parallel) and drop, with a "
+        "warning, files that are empty, not images, truncated or of another size than the JSON says. "
+        f"Default: only for datasets of at most {AUTO_CHECK_MAX_IMAGES} images",
+    )
     return parser
 
 
 def register_datasets(args) -> None:
     for name, json_file, image_root in args.coco_dataset:
-        register_coco_dataset(name, json_file, image_root)
+        register_coco_dataset(name, json_file, image_root, check_images=args.check_images)
 
 
 def setup(args):
@@ -130,3 +140,45 @@ def check_context_keys(cfg) -> None:
         )
     if adds_orth_loss and not has_acm and weight > 0:
         log.warning(f"MODEL.META_ARCHITECTURE = {meta!r} but the backbone has no ACM: there is no loss_acm_orth")
+
+
+def _class_count_keys(cfg):
+    """(config key, its value, the metadata field it must cover) for the heads cfg's meta-architecture builds."""
+    from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, PanopticFPN, RetinaNet, SemanticSegmentor
+
+    meta = cfg.MODEL.META_ARCHITECTURE
+    arch = META_ARCH_REGISTRY.get(meta) if meta in META_ARCH_REGISTRY else None
+    keys = []
+    if arch is not None and issubclass(arch, RetinaNet):
+        keys.append(("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes"))
+    if arch is not None and issubclass(arch, GeneralizedRCNN):  # PanopticFPN included
+        keys.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
+    if arch is not None and issubclass(arch, (PanopticFPN, SemanticSegmentor)):
+        keys.append(("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes"))
+    return keys
+
+
+def check_num_classes(cfg, dataset_names) -> None:
+    """Compare the heads' class counts with the categories of the (loaded) datasets' metadata.
+
+    Fewer classes than categories is a ValueError naming the key, both numbers and the fix: the
+    categories past NUM_CLASSES would silently become background (or crash the loss). More is a
+    warning: the extra outputs are never trained. Datasets without the metadata field are skipped.
+    """
+    from detectron2.data import MetadataCatalog
+
+    log = logging.getLogger("acm_d2")
+    for key, num_classes, field in _class_count_keys(cfg):
+        classes = {n: MetadataCatalog.get(n).get(field, None) for n in dataset_names}
+        counts = {n: len(c) for n, c in classes.items() if c}
+        if not counts:
+            continue
+        name, categories = max(counts.items(), key=lambda item: item[1])
+        if num_classes < categories:
+            raise ValueError(
+                f"cfg.{key} = {num_classes}, but dataset {name!r} has {categories} categories ({field}); the "
+                f"categories past the first {num_classes} would be trained as background. Set {key} {categories}"
+            )
+        if num_classes > categories:
+            log.warning(f"cfg.{key} = {num_classes}, but dataset {name!r} has only {categories} categories "
+                        f"({field}): {num_classes - categories} outputs are never trained; set {key} {categories}")

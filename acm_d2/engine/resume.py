@@ -129,11 +129,11 @@ class ResumableTrainStream(IterableDataset):
                 yield [self.map_one(position, index) for position, index in batch]
 
 
-def build_resumable_train_loader(cfg, mapper=None, seed=None):
+def build_resumable_train_loader(cfg, mapper=None, seed=None, dataset=None):
     """Detectron2's training data (datasets, mapper, sampler from cfg, as build_detection_train_loader)
     as a DataLoader over a ResumableTrainStream. `seed`: the stream seed, by default cfg.SEED when it is
-    >= 0, else a random one shared by all ranks."""
-    args = _train_loader_from_config(cfg, mapper)
+    >= 0, else a random one shared by all ranks. `dataset`: the dataset dicts, if already loaded."""
+    args = _train_loader_from_config(cfg, mapper, dataset=dataset)
     world_size = comm.get_world_size()
     total = args["total_batch_size"]
     if total % world_size:

@@ -8,13 +8,15 @@ import weakref
 import torch
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import AtomicCheckpointer
 from ..config import amp_precision
-from .defaults import check_context_keys
+from ..data.mapper import DatasetMapper, instance_mask_format
+from .defaults import check_context_keys, check_num_classes
 from .resume import ExactResumeHook, ResumableTrainStream, build_resumable_train_loader
 
 __all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "create_ddp_model_any_device"]
@@ -129,8 +131,25 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """A loader whose batch i depends only on (cfg.SEED, i, rank): see acm_d2.engine.resume."""
-        return build_resumable_train_loader(cfg)
+        """A loader whose batch i depends only on (cfg.SEED, i, rank): see acm_d2.engine.resume. Before
+        any step: the heads' class counts are checked against the datasets' categories, Mask R-CNN
+        against data without masks, and RLE masks switch the mapper to bitmasks (see
+        acm_d2.data.mapper.instance_mask_format)."""
+        names = cfg.DATASETS.TRAIN
+        dataset = get_detection_dataset_dicts(  # the arguments of Detectron2's _train_loader_from_config
+            names,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        check_num_classes(cfg, names)
+        mapper = DatasetMapper(cfg, True, instance_mask_format=instance_mask_format(cfg, dataset, names))
+        return build_resumable_train_loader(cfg, mapper, dataset=dataset)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with acm_d2's mapper (16-bit images scaled, unreadable files named)."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=DatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
