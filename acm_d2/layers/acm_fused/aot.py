@@ -1,6 +1,7 @@
-"""Ahead-of-time compile check of the fused ACM's Triton kernels, without a GPU.
+"""Ahead-of-time checks of the fused ACM's Triton kernels, without a GPU: compile and resources, and
+the scratch memory of a backward.
 
-It compiles exactly what `triton_backend.forward` / `backward` would launch for a given input shape on
+The compile check compiles exactly what `triton_backend.forward` / `backward` would launch for a given input shape on
 a given GPU: the launches are recorded from the real launch code run on `meta` tensors (with the SM
 count of the target), specialised by Triton's own argument binder, compiled for the target with
 `triton.compile`, and the PTX is assembled by the ptxas that Triton bundles with `-v` for registers,
@@ -13,6 +14,7 @@ them. It is a check of resources, not of results: only a GPU run says the kernel
     python -m acm_d2.layers.acm_fused.aot --arch 90 --dtype bfloat16 --groups 32
 """
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -21,6 +23,7 @@ from typing import Dict, List, NamedTuple, Tuple
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import triton_backend
 
@@ -75,28 +78,66 @@ def check_triton_api():
         )
 
 
-def record_launches(shape, groups: int, variant: str, dtype: torch.dtype, num_sms: int, reduction: int = 2) -> List[Launch]:
-    """The launches of one training forward + backward (orth term included where the variant has it)."""
-    B, C, H, W = shape
+def meta_inputs(shape, groups: int, variant: str = "full", dtype: torch.dtype = torch.float32, reduction: int = 2):
+    """x and the ACM weights of one layer as `meta` tensors (shapes only): (x, k_weight, q_weight, p_params)."""
+    C = shape[1]
     meta = dict(device="meta")
     x = torch.empty(shape, dtype=dtype, **meta)
     cg, hidden = C // groups, C // reduction
-    kw = torch.empty((groups, cg, 1, 1), dtype=torch.float32, **meta)
+    kw = torch.empty((groups, cg, 1, 1), **meta)
     qw = None if variant == "no_q" else torch.empty_like(kw)
     p_params = None
     if variant != "no_p":
-        p_params = tuple(
-            torch.empty(s, dtype=torch.float32, **meta)
-            for s in [(hidden, cg, 1, 1), (hidden,), (C, hidden // groups, 1, 1), (C,)]
-        )
+        p_params = tuple(torch.empty(s, **meta) for s in [(hidden, cg, 1, 1), (hidden,), (C, hidden // groups, 1, 1), (C,)])
+    return x, kw, qw, p_params
+
+
+def _dry_run(shape, groups, variant, dtype, num_sms, launch, backward_mode=contextlib.nullcontext):
+    """One training forward + backward of the Triton backend on meta tensors, `launch` standing in for
+    the kernel launches; the backward runs inside backward_mode()."""
+    x, kw, qw, p_params = meta_inputs(shape, groups, variant, dtype)
     need_orth = qw is not None
-    launches: List[Launch] = []
-    with mock.patch.object(triton_backend, "_launch", lambda k, grid, *a, **m: launches.append(Launch(k, grid, a, m))), \
-            mock.patch.object(triton_backend, "_num_sms", lambda t: num_sms):
+    with mock.patch.object(triton_backend, "_launch", launch), mock.patch.object(triton_backend, "_num_sms", lambda t: num_sms):
         _, _, mu, pooled, lse, p = triton_backend.forward(x, kw, qw, p_params, groups, need_orth)
-        grad_d = torch.empty((B,), dtype=torch.float32, **meta) if need_orth else None
-        triton_backend.backward(torch.empty_like(x), grad_d, x, kw, qw, p_params, mu, pooled, lse, p, groups)
+        grad_d = torch.empty((shape[0],), device="meta") if need_orth else None
+        grad_y = torch.empty_like(x)
+        with backward_mode():
+            triton_backend.backward(grad_y, grad_d, x, kw, qw, p_params, mu, pooled, lse, p, groups)
+
+
+def record_launches(shape, groups: int, variant: str, dtype: torch.dtype, num_sms: int) -> List[Launch]:
+    """The launches of one training forward + backward (orth term included where the variant has it)."""
+    launches: List[Launch] = []
+    _dry_run(shape, groups, variant, dtype, num_sms, lambda k, grid, *a, **m: launches.append(Launch(k, grid, a, m)))
     return launches
+
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of the tensors created (empty/empty_like/new_empty and ops' outputs) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and func not in _VIEWS:
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int,
+          torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten._unsafe_view.default,
+          torch.ops.aten.alias.default, torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default}
+
+
+def backward_scratch_bytes(shape, groups: int = 32, variant: str = "full", dtype: torch.dtype = torch.float32, num_sms: int = 132) -> int:
+    """Bytes the Triton backward allocates besides dx (the x-sized gradient it must return), for an
+    input of `shape` on a GPU with num_sms SMs; computed on meta tensors, no GPU needed."""
+    alloc = _Allocations()
+    _dry_run(shape, groups, variant, dtype, num_sms, lambda *a, **m: None, lambda: alloc)
+    return alloc.bytes - torch.empty(shape, dtype=dtype, device="meta").nbytes
 
 
 def _binder(kernel, target):

@@ -111,16 +111,15 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _triton_device(x: Tensor) -> bool:
+    """Whether "auto" would run x on Triton: a CUDA tensor in a dtype the kernels take, Triton installed."""
+    return x.is_cuda and triton_backend is not None and x.dtype != torch.float64
+
+
 def _use_triton(backend: str, x: Tensor) -> bool:
     if backend == "triton":
         return True
-    return (
-        backend == "auto"
-        and x.is_cuda
-        and triton_backend is not None
-        and x.dtype != torch.float64
-        and str(x.device) not in _TRITON_FAILURES
-    )
+    return backend == "auto" and _triton_device(x) and str(x.device) not in _TRITON_FAILURES
 
 
 def _run_backend(backend: str, x: Tensor, triton_fn, torch_fn, *args):

@@ -59,7 +59,7 @@ _INTERPRETER = dict(block_n=16, splits=2)
 
 def stream_config(kind: str, B: int, C: int, N: int, num_groups: int, num_sms: Optional[int]) -> StreamConfig:
     """Launch parameters of streaming kernel `kind` for x of B x C x N; num_sms None = interpreter."""
-    block_c = triton.next_power_of_2(C // num_groups)
+    block_c = _next_power_of_2(C // num_groups)
     # Wide groups (Cg >= 64: res5 at G <= 32, res4 at G <= 16) get 8 warps, so that the per-channel
     # vectors (P, dmu, dp_K, dp_Q, w_K, w_Q, dw_K, dw_Q in dx) are spread over more threads.
     num_warps = 8 if block_c >= 64 else 4
@@ -69,17 +69,27 @@ def stream_config(kind: str, B: int, C: int, N: int, num_groups: int, num_sms: O
         # Rows of at least 8 positions (32 B of fp32 in NCHW, one sector); 16 unless the group is 256 wide.
         min_n = 8 if block_c >= 256 else 16
         block_n = max(min_n, min(1024, _ELEMENTS_PER_THREAD[kind] * 32 * num_warps // block_c))
-        splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(_PROGRAMS_PER_SM * num_sms, B * num_groups)))
-    chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
-    return StreamConfig(block_c, block_n, triton.cdiv(N, chunk), chunk, num_warps)
+        splits = max(1, min(_cdiv(N, block_n), _cdiv(_PROGRAMS_PER_SM * num_sms, B * num_groups)))
+    chunk = _cdiv(_cdiv(N, splits), block_n) * block_n
+    return StreamConfig(block_c, block_n, _cdiv(N, chunk), chunk, num_warps)
 
 
 def stats_config(C: int, hidden: int, num_groups: int) -> StatsConfig:
     """Launch parameters of the per-(b, g) kernels: P's weights in [block_h, block_c] tiles of at
     most 2048 elements (16 registers per thread and tile at 4 warps), looped over the hidden rows."""
-    block_c = triton.next_power_of_2(C // num_groups)
-    block_h = max(1, min(triton.next_power_of_2(max(1, hidden // num_groups)), 2048 // block_c))
+    block_c = _next_power_of_2(C // num_groups)
+    block_h = max(1, min(_next_power_of_2(max(1, hidden // num_groups)), 2048 // block_c))
     return StatsConfig(block_c, block_h, 4)
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Plain integer maths: triton.cdiv / next_power_of_2 are jit helpers whose Python wrappers cost
+    # ~5 us per call, which added up to ~50 us of host time per ACM call (cProfile, Triton 3.8).
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)
