@@ -25,10 +25,14 @@ import re
 
 import torch
 
-__all__ = ["CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "checkpoints_trusted", "TRUST_ENV", "SAFE_PICKLE_GLOBALS"]
+__all__ = ["CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "checkpoints_trusted", "TRUST_ENV", "TRUST_FLAG_HELP", "SAFE_PICKLE_GLOBALS"]
 
 TRUST_ENV = "ACM_D2_TRUST_CHECKPOINTS"
 HOW_TO_TRUST = f"if you trust this file, set the environment variable {TRUST_ENV}=1 (or pass --trust-checkpoint)"
+TRUST_FLAG_HELP = (
+    "read checkpoints with the plain unpickler, which can run code from them: only for files you trust "
+    f"(same as {TRUST_ENV}=1; by default only weights are read, see acm_d2/checkpoint/safe_load.py)"
+)
 
 # What pickles of numpy arrays name: the array and dtype constructors (numpy 1 "numpy.core", numpy 2
 # "numpy._core"), numpy scalars, protocol-5 buffers, OrderedDict, and how Python 3 pickles bytes at
