@@ -114,6 +114,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().load(path, checkpointables)
         finally:
             self._loading, self._resuming = None, False
+            # Detectron2 resets this only after a successful load, and asserts it is None on the next one.
+            self._parsed_url_during_load = None
 
     def _torch_load(self, f):
         try:
