@@ -152,7 +152,7 @@ def test_two_machines_match_one_process_and_evaluate_alike(tmp_path_factory, tmp
 
     # The 2-process evaluation (COCOEvaluator gathers the ranks' predictions) gives the AP of a
     # 1-process evaluation of the same weights.
-    log_eval = run_train_net(dataset, tmp_path / "eval", "--eval-only", "MODEL.WEIGHTS", str(two / "model_final.pth"))
+    log_eval = run_train_net(dataset, tmp_path / "eval", "--eval-only", opts=["MODEL.WEIGHTS", str(two / "model_final.pth")])
     for task in ("bbox", "segm"):
         assert copypaste_ap(log, task) == copypaste_ap(log_eval, task)
 
