@@ -190,3 +190,53 @@ def test_non_finite_orth_loss_stops_naming_the_term_and_keeps_the_last_good_chec
     state = torch.load(tmp_path / "model_0000000.pth", weights_only=False)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert not (tmp_path / "inference").exists()  # no evaluation after the bad step
+
+
+def test_rpn_divergence_ends_like_a_non_finite_loss(tiny_dataset, tmp_path, monkeypatch):
+    """Detectron2's RPN raises a plain FloatingPointError ("Predicted boxes or scores contain Inf/NaN")
+    before any loss is checked; it ends as NonFiniteLossError with the iteration, checkpoint and knobs."""
+    from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
+
+    calls = []
+    original = StandardRPNHead.forward
+
+    def nan_deltas_at_second_step(self, features):
+        logits, deltas = original(self, features)
+        calls.append(1)
+        if len(calls) == 2:
+            deltas = [d * float("nan") for d in deltas]
+        return logits, deltas
+
+    monkeypatch.setattr(StandardRPNHead, "forward", nan_deltas_at_second_step)
+    cfg = trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1)
+    with pytest.raises(NonFiniteLossError, match=r"diverged at iteration 1: .*Inf/NaN.*SOLVER\.BASE_LR.*model_0000000\.pth"):
+        train(cfg)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth"]  # no model_final
+    assert not (tmp_path / "inference").exists()
+
+
+def test_resume_with_a_changed_head_names_the_keys_and_shapes_at_load_time(tiny_dataset, tmp_path):
+    train(trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 1, "DATASETS.TEST", ()))
+    changed = Trainer(trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 2, "MODEL.ROI_HEADS.NUM_CLASSES", 3))
+    with pytest.raises(CheckpointError, match=(
+        r"model_final\.pth.*roi_heads\.box_predictor\.cls_score\.weight: \(3, 1024\) in the file, \(4, 1024\) in the "
+        r"model.*another OUTPUT_DIR with MODEL\.WEIGHTS")):
+        changed.resume_or_load(resume=True)
+    # Fine-tuning from the same file (MODEL.WEIGHTS, no resume) still re-initialises the changed layers.
+    changed.checkpointer.resume_or_load(str(tmp_path / "model_final.pth"), resume=False)
+
+
+def test_eval_only_refuses_missing_or_incomplete_weights_unless_asked(acm_model, tmp_path):
+    import argparse
+
+    from acm_d2.engine import load_weights_for_evaluation
+
+    args = argparse.Namespace(resume=False, allow_random_weights=False)
+    with pytest.raises(CheckpointError, match=r"--eval-only without weights.*MODEL\.WEIGHTS.*--allow-random-weights"):
+        load_weights_for_evaluation(acm_model, "", str(tmp_path), args)
+    torch.save({"model": {k: v for k, v in acm_model.state_dict().items() if ".context." not in k}}, tmp_path / "baseline.pth")
+    with pytest.raises(CheckpointError, match=r"baseline\.pth.*does not hold \d+ parameters"):
+        load_weights_for_evaluation(acm_model, str(tmp_path / "baseline.pth"), str(tmp_path), args)
+    args.allow_random_weights = True
+    load_weights_for_evaluation(acm_model, "", str(tmp_path), args)
+    load_weights_for_evaluation(acm_model, str(tmp_path / "baseline.pth"), str(tmp_path), args)

@@ -115,3 +115,29 @@ def test_amp_grad_scaler_state_is_restored_on_resume(tiny_dataset, tmp_path):
     resumed = trainer_with_scaler(2.0)
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 1 and resumed._trainer.grad_scaler.get_scale() == 1024.0
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_resume_after_a_kill_while_writing_model_final_writes_it(tiny_dataset, tmp_path):
+    """MAX_ITER a multiple of CHECKPOINT_PERIOD: the last step saves model_0000001.pth, then model_final.pth.
+    Killed during the second save, the run looks finished to --resume; the resume writes model_final.pth,
+    the same checkpoint the uninterrupted save would have written."""
+    opts = ("SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", ())
+    train(trainer_cfg(tiny_dataset, tmp_path, *opts))
+    expected = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    # What the kill leaves: model_final only as atomic_write's temporary; last_checkpoint names the step's checkpoint.
+    (tmp_path / "model_final.pth").rename(tmp_path / ".model_final.pth.k1ll3d.tmp")
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    losses, trainer = train(trainer_cfg(tiny_dataset, tmp_path, *opts), resume=True)
+    assert trainer.start_iter == 2 and losses == {}  # nothing trained again
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth" and not list(tmp_path.glob(".*.tmp"))
+    assert _same(torch.load(tmp_path / "model_final.pth", weights_only=True), expected)

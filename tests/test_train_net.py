@@ -25,12 +25,13 @@ SMALL = [
 ]
 
 
-def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1):
+def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
+    """Run train_net; `args` go before the small test config (SMALL), `opts` after it (they win)."""
     datasets = []
     for split, (json_file, image_root) in tiny_dataset.items():
         datasets += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
     cmd = [sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", str(num_gpus), *datasets, *args]
-    cmd += [*SMALL, "OUTPUT_DIR", str(output_dir)]
+    cmd += [*SMALL, "OUTPUT_DIR", str(output_dir), *opts]
     env = dict(os.environ, OMP_NUM_THREADS="1" if num_gpus > 1 else "2")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -49,7 +50,7 @@ def test_train_then_eval_only_prints_coco_ap(tiny_dataset, tmp_path):
     assert rows and all(r["loss_acm_orth"] >= 0 for r in rows)
     assert "Evaluation results for bbox" in log  # training ends with an evaluation of DATASETS.TEST
 
-    log = run_train_net(tiny_dataset, tmp_path / "eval", "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"))
+    log = run_train_net(tiny_dataset, tmp_path / "eval", "--eval-only", opts=["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")])
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
 

@@ -152,6 +152,51 @@ def test_two_machines_match_one_process_and_evaluate_alike(tmp_path_factory, tmp
 
     # The 2-process evaluation (COCOEvaluator gathers the ranks' predictions) gives the AP of a
     # 1-process evaluation of the same weights.
-    log_eval = run_train_net(dataset, tmp_path / "eval", "--eval-only", "MODEL.WEIGHTS", str(two / "model_final.pth"))
+    log_eval = run_train_net(dataset, tmp_path / "eval", "--eval-only", opts=["MODEL.WEIGHTS", str(two / "model_final.pth")])
     for task in ("bbox", "segm"):
         assert copypaste_ap(log, task) == copypaste_ap(log_eval, task)
+
+
+def child_pids(pid):
+    """The pids of the live (not zombie) processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry))
+    return children
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_launcher_alone_stops_every_worker(tiny_dataset, tmp_path, signum):
+    """As `timeout -s INT` or a job manager does: only the launcher of --num-gpus 2 gets the signal."""
+    proc = popen_train_net(tiny_dataset, tmp_path, "--num-gpus", "2", "SOLVER.MAX_ITER", "100000",
+                           "SOLVER.CHECKPOINT_PERIOD", "100000")
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if "Starting training from iteration 0" in line:
+            break
+    workers = child_pids(proc.pid)
+    assert len(workers) >= 2, "".join(log)[-3000:]
+    proc.send_signal(signum)
+    log.append(proc.communicate(timeout=120)[0])
+    assert proc.returncode == 128 + signum, "".join(log)[-3000:]
+    assert f"{signum.name} received: stopping" in log[-1]
+    deadline = time.time() + 10  # the exit of a killed process (and its reaping by init) takes a moment
+    while [pid for pid in workers if alive(pid)] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]

@@ -129,11 +129,31 @@ def test_tool_errors_name_the_problem(tool_setup, tmp_path):
         (weights, images, (), ("MODEL.CONTEXT_MODULE", "none"), "no ACM module"),
         (weights, images, ("--module", "res7.3"), (), "res7.3.*matches no ACM module"),
     ]
+    _check_tool_errors(config, images, tmp_path / "out", cases)
+
+
+def _check_tool_errors(config, images, output, cases):
     for w, ims, flags, opts, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            run_tool(config, w, ims, tmp_path / "out", *flags, opts=opts)
+            run_tool(config, w, ims, output, *flags, opts=opts)
         assert exit_info.value.code not in (0, None)
         assert re.search(message, str(exit_info.value)), str(exit_info.value)
+
+
+def test_tool_refuses_weights_that_leave_parameters_random_and_an_output_file(tool_setup, tiny_model, tmp_path):
+    """Weights without ACM parameters (a baseline checkpoint) or of another NUM_GROUPS would draw the maps
+    of randomly initialised ACMs; the tool loads with train_net's checking loader and refuses them."""
+    config, weights, images, _json_file, _root = tool_setup
+    baseline = str(tmp_path / "baseline.pth")
+    torch.save({"model": {k: v for k, v in tiny_model.state_dict().items() if ".context." not in k}}, baseline)
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (baseline, images, (), (), r"baseline\.pth.*does not hold \d+ parameters.*context-module \(ACM\)"),
+        (weights, images, (), ("MODEL.ACM.NUM_GROUPS", "4"), r"model\.pth.*tensors have another shape.*context"),
+    ]
+    _check_tool_errors(config, images, tmp_path / "out", cases)
+    assert not (tmp_path / "out").exists()  # refused before anything was drawn
+    _check_tool_errors(config, images, tmp_path / "a_file", [(weights, images, (), (), r"--output .*a_file.* is a file")])
 
 
 def test_loss_curve_from_metrics_json(tmp_path):

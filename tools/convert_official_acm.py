@@ -15,17 +15,20 @@ import sys
 
 import torch
 
-from acm_d2.checkpoint.files import atomic_write, read_state_dict
+from acm_d2.checkpoint.files import atomic_write, check_output_path, read_state_dict
 from acm_d2.checkpoint.official import convert_official_state_dict
+from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="the authors' checkpoint (.pth or .pkl)")
     parser.add_argument("output", help="where to write the converted .pth")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     args = parser.parse_args(argv)
     try:
-        state = read_state_dict(args.input)
+        check_output_path(args.output, args.input)
+        state = read_state_dict(args.input, trusted=args.trust_checkpoint or None)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     try:

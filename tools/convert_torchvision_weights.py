@@ -16,7 +16,8 @@ import argparse
 import pickle
 import sys
 
-from acm_d2.checkpoint.files import atomic_write, read_state_dict
+from acm_d2.checkpoint.files import atomic_write, check_output_path, read_state_dict
+from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
 from acm_d2.checkpoint.torchvision import INPUT_FORMATS, convert_torchvision_state_dict, torchvision_config
 
 
@@ -28,11 +29,13 @@ def main(argv=None):
         "--input-format", choices=INPUT_FORMATS, default="BGR",
         help="the image channel order the model will be fed (INPUT.FORMAT); BGR, the default, reverses the first conv's input channels",
     )
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     args = parser.parse_args(argv)
     if not args.output.endswith(".pkl"):
         raise SystemExit(f"error: {args.output}: the output must end in .pkl (Detectron2 reads the key-matching flag from .pkl files)")
     try:
-        state = read_state_dict(args.input)
+        check_output_path(args.output, args.input)
+        state = read_state_dict(args.input, trusted=args.trust_checkpoint or None)
         converted = convert_torchvision_state_dict(state, args.input_format)
         opts = torchvision_config(state, args.input_format)
     except (OSError, ValueError) as e:

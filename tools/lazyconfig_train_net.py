@@ -8,18 +8,21 @@
 
 The config holds model, dataloader.{train,test,evaluator}, optimizer, lr_multiplier and train (see
 configs/common/train.py); overrides are `key=value`. As tools/train_net.py: acm_d2's set-up (CPU fallback,
---coco-dataset) and a DDP wrapper that also works for CPU models.
+--coco-dataset, a locked output folder), a DDP wrapper that also works for CPU models, and checkpoints
+read without running code from them, checked, and written atomically.
 """
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks, launch
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, also in spawned workers)
-from acm_d2.engine import argument_parser, create_ddp_model_any_device, register_datasets, setup_lazy
+from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
+from acm_d2.engine import (
+    argument_parser, create_ddp_model_any_device, launch, load_weights_for_evaluation, register_datasets, setup_lazy,
+)
 
 logger = logging.getLogger("acm_d2")
 
@@ -39,7 +42,7 @@ def train(cfg, resume: bool):
     optimizer = instantiate(cfg.optimizer)
     model = create_ddp_model_any_device(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, instantiate(cfg.dataloader.train), optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -64,7 +67,7 @@ def main(args):
     if not args.eval_only:
         return train(cfg, args.resume)
     model = create_ddp_model_any_device(instantiate(cfg.model).to(cfg.train.device))
-    DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    load_weights_for_evaluation(model, cfg.train.init_checkpoint, cfg.train.output_dir, args, "train.init_checkpoint")
     return evaluate(cfg, model)
 
 

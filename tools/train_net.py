@@ -5,13 +5,11 @@
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --coco-dataset my_train train.json images/ DATASETS.TRAIN '("my_train",)'
 """
-from detectron2.engine import launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, also in spawned workers)
-from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
-from acm_d2.engine import Trainer, argument_parser, register_datasets, setup
+from acm_d2.engine import Trainer, argument_parser, launch, load_weights_for_evaluation, register_datasets, setup
 
 
 def main(args):
@@ -19,7 +17,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        load_weights_for_evaluation(model, cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, args)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--annotations", default=None, help="COCO JSON with the images: pick groups by GT overlap")
     p.add_argument("--top", type=int, default=2, help="groups to show per module when picking by overlap")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--trust-checkpoint", action="store_true", help="read --weights with the plain, code-running unpickler (only for a file you trust)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs (last)")
     return p.parse_args(argv)
 
@@ -60,6 +61,8 @@ def main(argv=None):
     for label, path in [("config file", args.config_file), ("weights", args.weights), ("annotations", args.annotations)]:
         if path is not None and not os.path.isfile(path):
             fail(f"{label} {path!r} does not exist")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        fail(f"--output {args.output!r} is a file; give a folder (it receives one <image name>_attention.png per image)")
     images = {}
     for path in args.input:
         image = cv2.imread(path) if os.path.isfile(path) else None
@@ -67,11 +70,12 @@ def main(argv=None):
             fail(f"input image {path!r} does not exist or is not an image")
         images[path] = image
 
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
     import acm_d2
+    from acm_d2.checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
+    from acm_d2.checkpoint.safe_load import TRUST_ENV
     from acm_d2.engine.demo import resolve_device
     from acm_d2.visualization import attention as vis
 
@@ -86,10 +90,18 @@ def main(argv=None):
         names = vis.resolve_modules(model, args.module)
     except ValueError as error:
         fail(f"{error} (config {args.config_file})")
-    DetectionCheckpointer(model).load(args.weights)
+    if args.trust_checkpoint:
+        os.environ[TRUST_ENV] = "1"
+    try:  # the weights must fill every parameter: missing ACM weights would draw random attention maps
+        AtomicCheckpointer(model, require_complete=True).load(args.weights)
+    except CheckpointError as error:
+        fail(f"{error} (config {args.config_file})")
     masks = ground_truth_masks(args.annotations, images) if args.annotations else {}
 
-    os.makedirs(args.output, exist_ok=True)
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create the --output folder {args.output!r}: {error.strerror}")
     for path, image in images.items():
         maps = vis.capture_attention(model, image, names, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         rows = []

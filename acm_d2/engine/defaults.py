@@ -1,6 +1,7 @@
 """Config and dataset set-up shared by tools/train_net.py, tools/lazyconfig_train_net.py and the demo."""
 import argparse
 import logging
+import os
 
 import torch
 from detectron2.config import LazyConfig, get_cfg
@@ -8,11 +9,17 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
+from ..checkpoint.safe_load import TRUST_ENV, TRUST_FLAG_HELP
 from ..config import PEER_MODULES, add_acm_config
 from ..data.datasets import register_coco_dataset
 from ..data.validate import AUTO_CHECK_MAX_IMAGES
+from .output_lock import lock_output_dir_on_main_process
 
-__all__ = ["argument_parser", "setup", "setup_lazy", "register_datasets", "check_context_keys", "check_num_classes"]
+__all__ = [
+    "argument_parser", "setup", "setup_lazy", "register_datasets", "check_context_keys", "check_num_classes",
+    "load_weights_for_evaluation",
+]
 
 # The backbones that build context modules, and the config nodes of those modules.
 CONTEXT_BACKBONES = ("build_acm_resnet_backbone", "build_acm_resnet_fpn_backbone", "build_acm_retinanet_resnet_fpn_backbone")
@@ -20,8 +27,15 @@ CONTEXT_NODES = ("ACM",) + PEER_MODULES
 
 
 def argument_parser(epilog=None):
-    """Detectron2's default_argument_parser plus `--coco-dataset NAME JSON IMAGE_ROOT` (repeatable)."""
+    """Detectron2's default_argument_parser plus `--coco-dataset NAME JSON IMAGE_ROOT` (repeatable),
+    `--trust-checkpoint` and `--allow-random-weights`."""
     parser = default_argument_parser(epilog)
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
+    parser.add_argument(
+        "--allow-random-weights", action="store_true",
+        help="with --eval-only: evaluate even without weights, or with weights that leave parameters at their "
+        "random initialisation (e.g. to time the pipeline); refused by default",
+    )
     parser.add_argument(
         "--coco-dataset",
         nargs=3,
@@ -50,7 +64,8 @@ def setup(args):
     """The config from args (acm_d2 keys added, file and overrides merged), frozen, with logging set up.
 
     A config asking for CUDA on a machine without it falls back to the CPU with a warning, so that
-    the shipped configs run anywhere.
+    the shipped configs run anywhere. OUTPUT_DIR is locked for this run (acm_d2.engine.output_lock)
+    before anything is written there.
     """
     cfg = get_cfg()
     add_acm_config(cfg)
@@ -58,6 +73,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE, fallback = _available(cfg.MODEL.DEVICE)
     cfg.freeze()
+    _trust_checkpoints_if_asked(args)
+    lock_output_dir_on_main_process(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     # default_setup logs "detectron2" and "fvcore"; acm_d2's own messages go to the same console and log file.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2")
@@ -71,10 +88,36 @@ def setup_lazy(args):
     CPU fallback (train.device), logging set up."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     cfg.train.device, fallback = _available(cfg.train.device)
+    _trust_checkpoints_if_asked(args)
+    lock_output_dir_on_main_process(cfg.train.output_dir)
     default_setup(cfg, args)
     if fallback:
         logging.getLogger("acm_d2").warning("CUDA is not available: running on the CPU (train.device cpu)")
     return cfg
+
+
+def _trust_checkpoints_if_asked(args) -> None:
+    """--trust-checkpoint: every checkpoint this process reads may run code (acm_d2.checkpoint.safe_load)."""
+    if getattr(args, "trust_checkpoint", False):
+        os.environ[TRUST_ENV] = "1"
+
+
+def load_weights_for_evaluation(model, weights: str, output_dir: str, args, weights_key="MODEL.WEIGHTS") -> None:
+    """Load the weights --eval-only scores: `weights`, or with --resume the last checkpoint of output_dir.
+
+    Without weights, or with weights that leave parameters at their initialisation (an ImageNet or
+    baseline checkpoint for an ACM model, another NUM_CLASSES), the evaluated model would be partly or
+    wholly random: a CheckpointError, unless args.allow_random_weights.
+    """
+    allow_random = getattr(args, "allow_random_weights", False)
+    checkpointer = AtomicCheckpointer(model, save_dir=output_dir, require_complete=not allow_random)
+    if not weights and not (args.resume and checkpointer.has_checkpoint()) and not allow_random:
+        raise CheckpointError(
+            f"--eval-only without weights would score a randomly initialised model: set {weights_key} to a trained "
+            "checkpoint (e.g. OUTPUT_DIR/model_final.pth), or pass --resume to use the last checkpoint of "
+            f"{output_dir}, or --allow-random-weights to evaluate a random model on purpose"
+        )
+    checkpointer.resume_or_load(weights, resume=args.resume)
 
 
 def _available(device: str):

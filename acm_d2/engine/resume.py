@@ -194,6 +194,8 @@ class ExactResumeHook(HookBase):
         storage = getattr(self.trainer, "storage", None)
         if storage is not None:
             state["history"] = _history_state(storage)
+        elif self._pending_history:  # loaded, not yet restored (before training): it is still the state
+            state["history"] = self._pending_history
         return state
 
     def load_state_dict(self, state_dict):

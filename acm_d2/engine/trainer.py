@@ -17,6 +17,7 @@ from ..checkpoint.checkpointer import AtomicCheckpointer
 from ..config import amp_precision
 from ..data.mapper import DatasetMapper, instance_mask_format
 from .defaults import check_context_keys, check_num_classes
+from .output_lock import lock_output_dir_on_main_process
 from .resume import ExactResumeHook, ResumableTrainStream, build_resumable_train_loader
 
 __all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "create_ddp_model_any_device"]
@@ -25,7 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became inf or NaN; the message names the term(s), the iteration and the last checkpoint."""
+    """A loss term became inf or NaN (or training diverged otherwise, e.g. Detectron2's RPN found inf/NaN
+    boxes); the message names the term(s), the iteration, the last checkpoint and the knobs to turn."""
+
+
+DIVERGENCE_KNOBS = "Lower SOLVER.BASE_LR or raise SOLVER.WARMUP_ITERS."
 
 
 class _StopOnNonFiniteLoss:
@@ -43,7 +48,7 @@ class _StopOnNonFiniteLoss:
             raise NonFiniteLossError(
                 f"Loss became infinite or NaN at iteration {self.iter if iter is None else iter}"
                 f"{f' on rank {comm.get_rank()}' if comm.get_world_size() > 1 else ''}: {bad}{hint}; "
-                f"finite terms: {good or 'none'}. Lower SOLVER.BASE_LR or raise SOLVER.WARMUP_ITERS."
+                f"finite terms: {good or 'none'}. {DIVERGENCE_KNOBS}"
             )
         super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
 
@@ -91,8 +96,13 @@ class Trainer(DefaultTrainer):
     * exact resume (acm_d2.engine.resume): data order, augmentation and random draws continue as in an
       uninterrupted run with the same cfg.SEED; the optimizer, LR scheduler and AMP grad scaler are
       restored by Detectron2 itself;
-    * NonFiniteLossError naming the loss term(s) when a loss becomes inf/NaN; no checkpoint is written
-      and no evaluation runs after such a step, so `last_checkpoint` names the last good weights.
+    * NonFiniteLossError naming the loss term(s) when a loss becomes inf/NaN, or when Detectron2 reports
+      divergence otherwise (the RPN's "Predicted boxes or scores contain Inf/NaN"); no checkpoint is
+      written and no evaluation runs after such a step, so `last_checkpoint` names the last good weights;
+    * OUTPUT_DIR locked for this run (acm_d2.engine.output_lock), so that only this run cleans up
+      temporary files there;
+    * a resumed run that had finished all its iterations but was killed while writing model_final.pth
+      writes it.
     """
 
     def __init__(self, cfg):
@@ -100,6 +110,7 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        lock_output_dir_on_main_process(cfg.OUTPUT_DIR)  # a no-op when setup() took it already
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -161,14 +172,32 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         if resume and comm.is_main_process():
+            # Safe: this process holds OUTPUT_DIR's lock (taken in __init__), so no other run is saving there.
             self.checkpointer.remove_stale_temporaries()
         super().resume_or_load(resume=resume)
+        if resume and self.start_iter >= self.max_iter:
+            self._write_missing_final_checkpoint()
+
+    def _write_missing_final_checkpoint(self):
+        """When MAX_ITER is a multiple of CHECKPOINT_PERIOD, the last iteration saves model_{MAX_ITER-1}
+        and then model_final; a kill during the second save leaves a run that looks finished without
+        model_final.pth. The state just loaded is the one model_final would have held: save it now."""
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if not comm.is_main_process() or "://" in final or os.path.isfile(final):
+            return
+        logger.warning(
+            f"The run in {self.cfg.OUTPUT_DIR} finished all {self.max_iter} iterations but has no model_final.pth "
+            f"(it was stopped while writing it): writing it from {self.checkpointer.get_checkpoint_file()}"
+        )
+        self.checkpointer.save("model_final", iteration=self.iter)
 
     def run_step(self):
         try:
             super().run_step()
-        except NonFiniteLossError as error:
+        except FloatingPointError as error:  # NonFiniteLossError, or Detectron2's own divergence checks
             self._stopped_on_nonfinite_loss = True
+            if not isinstance(error, NonFiniteLossError):
+                error = f"Training diverged at iteration {self.iter}: {error} {DIVERGENCE_KNOBS}"
             last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
             raise NonFiniteLossError(
                 f"{error} Training stopped without saving; the last good checkpoint is "

@@ -1,0 +1,64 @@
+"""Detectron2's launch, with worker processes that stop when their launcher is stopped.
+
+With `--num-gpus N` (N > 1) the launcher spawns N non-daemonic workers and waits for them. A SIGINT
+that reaches only the launcher (`kill -INT`, `timeout -s INT`, job managers; a terminal's Ctrl-C signals
+the whole process group) raised KeyboardInterrupt in it while the workers kept training, and Python then
+waited for them at exit; a SIGTERM killed the launcher and left the workers training as orphans. Here
+either signal stops every worker of this machine (SIGTERM, then SIGKILL after a grace period) and the
+launcher exits with 128 + the signal number.
+"""
+import logging
+import multiprocessing
+import signal
+import sys
+
+from detectron2.engine import launch as detectron2_launch
+
+__all__ = ["launch", "WORKER_STOP_GRACE_S"]
+
+WORKER_STOP_GRACE_S = 10.0  # how long a worker may take to exit on SIGTERM before it is killed
+
+logger = logging.getLogger(__name__)
+
+
+class _Stopped(BaseException):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
+
+
+def _stop_workers(signum) -> None:
+    workers = multiprocessing.active_children()
+    print(
+        f"{signal.Signals(signum).name} received: stopping {len(workers)} worker process(es) "
+        f"(pids {[w.pid for w in workers]})", file=sys.stderr, flush=True,
+    )
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(WORKER_STOP_GRACE_S)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, **kwargs):
+    """detectron2.engine.launch(main_func, num_gpus_per_machine, num_machines, **kwargs); when this
+    machine runs several workers, SIGINT or SIGTERM to the launcher stops them all (see module doc)."""
+    if num_gpus_per_machine * num_machines <= 1:  # main_func runs in this process: nothing to forward
+        return detectron2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
+    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return detectron2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
+    except _Stopped as stopped:
+        for s in previous:  # a repeated Ctrl-C must not cut the stop short (it ends within the grace period)
+            signal.signal(s, signal.SIG_IGN)
+        _stop_workers(stopped.signum)
+        raise SystemExit(128 + stopped.signum) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
