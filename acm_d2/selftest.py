@@ -483,10 +483,10 @@ def summary_lines(report: dict) -> List[str]:
             f"{label} {'finite' if r['finite'] else 'NaN/inf@' + str(r['stopped_at'])}" for label, r in runs.items()))
     if s.get("layer", {}).get("status") == "ok":
         layer = s["layer"]
-        lines.append(f"layer         copy bandwidth {layer['copy_bandwidth_gbs']:.0f} GB/s; fused ms (x floor) [x reference], launches/syncs per call")
+        lines.append(f"layer         copy bandwidth {layer['copy_bandwidth_gbs']:.0f} GB/s; fused ms (x floor) [x reference], launches/syncs, host / kernel ms per call")
         for r in layer["results"]:
             if r["impl"] == "fused":
-                counts = f", {r['launches']:.0f}/{r['syncs']:.0f}" if "launches" in r else ""
+                counts = f", {r['launches']:.0f}/{r['syncs']:.0f}, {r['host_ms']:.3f} / {r['kernel_ms']:.3f}" if "launches" in r else ""
                 lines.append(f"  {r['level']} {r['dtype']:<4} {r['mode']:<8} {r['median_ms']:8.3f} ms ({r['vs_floor']:6.1f}x) [{r['vs_reference']:.2f}x]{counts}")
     if s.get("model", {}).get("status") == "ok":
         m = s["model"]

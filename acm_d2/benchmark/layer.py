@@ -143,7 +143,14 @@ def count_launches_and_syncs(step: Callable[[], None], calls: int = 3) -> Dict[s
     syncs = sum(e.name in SYNC_CALLS for e in cpu) + sum("DtoH" in e.name for e in gpu)
     kernels = sum(not e.name.startswith("Memcpy") and not e.name.startswith("Memset") for e in gpu)
     runtime = collections.Counter(e.name for e in cpu if _RUNTIME_CALL.match(e.name))
+    kernel_us = collections.Counter()
+    for e in gpu:
+        kernel_us[e.name[:60]] += e.time_range.elapsed_us() / calls
+    # Host time of a call against the GPU time of its kernels: which side bounds the call.
+    host_ms = sum(end - start for start, end in ranges) / calls / 1e3
     return {"launches": launches / calls, "syncs": syncs / calls, "kernels": kernels / calls,
+            "host_ms": host_ms, "kernel_ms": sum(kernel_us.values()) / 1e3,
+            "kernel_us": dict(kernel_us.most_common()),
             "runtime_calls": {name: n / calls for name, n in sorted(runtime.items())}}
 
 
