@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from detectron2.export import STABLE_ONNX_OPSET_VERSION, TracingAdapter, scripting_with_instances
 from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 
@@ -63,32 +64,47 @@ class _ScriptableAdapter(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.rcnn = isinstance(model, GeneralizedRCNN)
         self.eval()
 
+
+class _ScriptableRCNN(_ScriptableAdapter):
     def forward(self, inputs: Tuple[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
-        if self.rcnn:
-            instances = self.model.inference(inputs, do_postprocess=False)
-        else:
-            instances = [output["instances"] for output in self.model(inputs)]
+        instances = self.model.inference(inputs, do_postprocess=False)
+        return [i.get_fields() for i in instances]
+
+
+class _ScriptableDenseDetector(_ScriptableAdapter):
+    def forward(self, inputs: Tuple[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
+        instances = self.model(inputs)  # a scripted DenseDetector returns its detections before rescaling
         return [i.get_fields() for i in instances]
 
 
 def script_model(model: nn.Module) -> torch.jit.ScriptModule:
-    """torch.jit.script of model (eval mode): a function of a tuple of {"image": C x H x W} dicts that
-    returns one dict of tensors per image (the fields of SCRIPTING_FIELDS it has)."""
+    """torch.jit.script of an R-CNN or dense detector (RetinaNet, FCOS) in eval mode: a function of a
+    tuple of {"image": C x H x W} dicts that returns, per image, the detections (before rescaling to the
+    input size) as a dict of tensors (the fields of SCRIPTING_FIELDS it has)."""
     if model.training:
         raise ValueError("scripting needs a model in eval mode: call model.eval() first")
-    return scripting_with_instances(_ScriptableAdapter(model), SCRIPTING_FIELDS)
+    if isinstance(model, GeneralizedRCNN):
+        adapter = _ScriptableRCNN(model)
+    elif isinstance(model, DenseDetector):
+        adapter = _ScriptableDenseDetector(model)
+    else:
+        raise ValueError(f"scripting supports R-CNN models and dense detectors (RetinaNet, FCOS), not {type(model).__name__}")
+    return scripting_with_instances(adapter, SCRIPTING_FIELDS)
 
 
 def scripted_outputs(model: nn.Module, image: Tensor) -> Dict[str, Tensor]:
     """The eager counterpart of a scripted model's output for one image: the same dict of tensors."""
+    inputs = [{"image": image}]
     with torch.no_grad():
         if isinstance(model, GeneralizedRCNN):
-            instances = model.inference([{"image": image}], do_postprocess=False)[0]
-        else:
-            instances = model([{"image": image}])[0]["instances"]
+            instances = model.inference(inputs, do_postprocess=False)[0]
+        else:  # what DenseDetector.forward computes before it rescales
+            images = model.preprocess_image(inputs)
+            features = model.backbone(images.tensor)
+            features = [features[f] for f in model.head_in_features]
+            instances = model.forward_inference(images, features, model.head(features))[0]
     return {name: value.tensor if isinstance(value, Boxes) else value for name, value in instances.get_fields().items()}
 
 
