@@ -27,5 +27,9 @@ setup(
         "numpy",
         "setuptools<81",  # detectron2.model_zoo imports pkg_resources
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # ONNX export and its onnxruntime check (tools/export_model.py, tests/test_export.py)
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        "test": ["pytest>=7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+    },
 )

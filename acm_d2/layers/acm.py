@@ -23,9 +23,15 @@ The pooling, softmax and P run in float32 (float64 for float64 inputs) whatever 
 autocast included: under fp16 the logits and the HW-long sums overflow or lose too much precision.
 
 `impl` picks the reference below or the fused form of acm_fused/ (same function, analytic backward
-that recomputes the attention instead of storing it; Triton kernels on CUDA).
+that recomputes the attention instead of storing it; Triton kernels on CUDA). The fused op is a
+training and eager-speed device, not a deployment format: while a graph is captured for deployment
+(TorchScript scripting or tracing, ONNX export, torch.export) the module computes the reference with
+standard operators only, so the saved graph runs where acm_d2 is not installed (libtorch,
+onnxruntime) and counts in fvcore's FLOP counter. torch.compile still gets the fused op, as one node.
+The reference is written with matmul rather than einsum because ONNX has no einsum before opset 12
+and Detectron2 exports at opset 11.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -48,6 +54,14 @@ ACM_IMPLS = ("auto", "reference", "fused")
 _FUSED_FASTER_ON_CPU = True
 
 
+def _capturing_graph() -> bool:
+    """Whether forward runs under TorchScript tracing, an ONNX export or torch.export, which all record
+    the operators they see into a graph meant to run without acm_d2 (scripting is told apart in forward).
+    torch < 2.3 has no torch.compiler.is_exporting: there torch.export keeps the fused op."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
+
+
 class AttendAndCompare(nn.Module):
     """ACM for a C-channel feature map; returns a tensor of the input's shape and dtype.
 
@@ -65,6 +79,9 @@ class AttendAndCompare(nn.Module):
     term d (float32, float64 for float64 inputs; shape B) in `self.orth_term` for the model's loss to read; in eval mode it
     computes nothing for the loss and `self.orth_term` is None.
     """
+
+    # Declared for TorchScript, which would otherwise type the attribute from its first value, None.
+    orth_term: Optional[torch.Tensor]
 
     def __init__(self, channels: int, num_groups: int = 32, reduction: int = 2, variant: str = "full", impl: str = "auto"):
         super().__init__()
@@ -108,8 +125,8 @@ class AttendAndCompare(nn.Module):
         Only the heads this variant has ("p_only": none, {})."""
         if not self.use_k:
             return {}
-        x = at_least_float32(x)
-        attn = _attention_weights(x, self._logit_convs(), self.num_groups).unflatten(-1, x.shape[2:])
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            attn = self._attention(at_least_float32(x)).permute(0, 3, 1, 2).unflatten(-1, x.shape[2:])  # B x heads x G x H x W
         return dict(zip("KQ", attn.unbind(1)))
 
     @property
@@ -120,72 +137,75 @@ class AttendAndCompare(nn.Module):
         return f"channels={self.channels}, num_groups={self.num_groups}, reduction={self.reduction}, variant={self.variant!r}, impl={self.impl!r}"
 
     def uses_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) takes the fused path."""
-        if self.impl == "reference" or self.variant not in FUSED_VARIANTS:
+        """Whether forward(x) takes the fused path (never while a graph is captured for deployment)."""
+        if self.impl == "reference" or self.variant not in FUSED_VARIANTS or _capturing_graph():
             return False
         if self.impl == "fused":
             return True
         return (x.is_cuda and triton_available()) or (x.device.type == "cpu" and _FUSED_FASTER_ON_CPU)
 
-    def _logit_convs(self):
-        return [conv for conv in (self.k_logits, self.q_logits) if conv is not None]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        if C != self.channels:
-            raise ValueError(f"ACM built for {self.channels} channels got an input with {C}")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"ACM built for {self.channels} channels got an input with {x.shape[1]}")
+        # TorchScript compiles only this branch: the fused op is no deployment format, and an autocast region
+        # needs a device type known at compile time, so a scripted model runs the reference as it is.
+        if torch.jit.is_scripting():
+            return self._forward_reference(x)
         if self.uses_fused(x):
-            # The fused op computes in float32 itself (autocast does not touch it) and stores y in x's dtype.
-            q, p1, p2 = self.q_logits, self.p_reduce, self.p_expand
-            y, self.orth_term = acm_fused(
-                x, self.k_logits.weight, self.k_logits.bias, q.weight if q else None, q.bias if q else None,
-                (p1.weight, p1.bias, p2.weight, p2.bias) if self.use_p else None, self.num_groups,
-                need_orth=self.training and self.has_orth_term,
-            )
-            return y
+            return self._forward_fused(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 whatever autocast says
+            return self._forward_reference(x)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        # The fused op computes in float32 itself (autocast does not touch it) and stores y in x's dtype.
+        q, p1, p2 = self.q_logits, self.p_reduce, self.p_expand
+        y, self.orth_term = acm_fused(
+            x, self.k_logits.weight, self.k_logits.bias, q.weight if q else None, q.bias if q else None,
+            (p1.weight, p1.bias, p2.weight, p2.bias) if self.use_p else None, self.num_groups,
+            need_orth=self.training and self.has_orth_term,
+        )
+        return y
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
         in_dtype = x.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = at_least_float32(x)
-            dtype = x.dtype
-            mu = x.mean(dim=(2, 3))  # B x C
-            y = x
-            convs = self._logit_convs()
-            if convs:
-                pooled = _attention_pool(x, convs, self.num_groups)  # B x heads x C
-                k = pooled[:, 0] - mu
-                shift = k - (pooled[:, 1] - mu) if self.use_q else k
-                y = y + shift[:, :, None, None]
-            if self.use_p:
-                p = _conv1x1(mu[:, :, None, None], self.p_reduce, dtype)
-                p = _conv1x1(F.relu(p), self.p_expand, dtype)
-                y = y * torch.sigmoid(p)
-            if self.training and self.has_orth_term:
-                self.orth_term = (k * (pooled[:, 1] - mu)).sum(dim=1) / C
-            else:
-                self.orth_term = None
+        orth_term: Optional[torch.Tensor] = None
+        x = at_least_float32(x)
+        mu = x.mean(dim=(2, 3))  # B x C
+        y = x
+        if self.k_logits is not None:
+            xg = x.reshape(B, self.num_groups, C // self.num_groups, H * W)
+            # Per group, channels x positions @ positions x heads: the attention-weighted means.
+            pooled = torch.matmul(xg, self._attention(x))  # B x G x C/G x heads
+            pooled = pooled.permute(0, 3, 1, 2).reshape(B, -1, C)  # B x heads x C
+            k = pooled[:, 0] - mu
+            shift = k
+            if self.q_logits is not None:
+                q = pooled[:, 1] - mu
+                shift = k - q
+                if self.training:
+                    orth_term = (k * q).sum(dim=1) / C
+            y = y + shift[:, :, None, None]
+        if self.p_reduce is not None and self.p_expand is not None:
+            p = _conv1x1(mu[:, :, None, None], self.p_reduce.weight, self.p_reduce.bias, self.num_groups)
+            p = _conv1x1(F.relu(p), self.p_expand.weight, self.p_expand.bias, self.num_groups)
+            y = y * torch.sigmoid(p)
+        self.orth_term = orth_term
         return y.to(in_dtype)
 
-
-def _conv1x1(x: torch.Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
-    return F.conv2d(x, conv.weight.to(dtype), conv.bias.to(dtype), groups=conv.groups)
-
-
-def _attention_pool(x: torch.Tensor, convs, num_groups: int) -> torch.Tensor:
-    """Attention-weighted means of x (B x C x H x W, float32 or float64), one head per conv and group.
-
-    Returns B x len(convs) x C: for conv j and channel c of group g, sum_n softmax_n(logits_jg) x_cn.
-    """
-    B, C, H, W = x.shape
-    xg = x.reshape(B, num_groups, C // num_groups, H * W)
-    attn = _attention_weights(x, convs, num_groups)
-    return torch.einsum("bgcn,bjgn->bjgc", xg, attn).reshape(B, len(convs), C)
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax over the H*W positions of each head's logits, per group: B x G x H*W x heads (K, then Q).
+        x: float32 or float64."""
+        logits: List[torch.Tensor] = []
+        if self.k_logits is not None:
+            logits.append(_conv1x1(x, self.k_logits.weight, self.k_logits.bias, self.num_groups))
+        if self.q_logits is not None:
+            logits.append(_conv1x1(x, self.q_logits.weight, self.q_logits.bias, self.num_groups))
+        return torch.stack(logits, dim=-1).flatten(2, 3).softmax(dim=2)  # B x G x H x W x heads -> B x G x HW x heads
 
 
-def _attention_weights(x: torch.Tensor, convs, num_groups: int) -> torch.Tensor:
-    """softmax over the H*W positions of each conv's logits, per group: B x len(convs) x G x H*W."""
-    B, C, H, W = x.shape
-    xg = x.reshape(B, num_groups, C // num_groups, H * W)
-    weight = torch.stack([conv.weight.to(x.dtype).view(num_groups, C // num_groups) for conv in convs])  # J x G x C/G
-    bias = torch.stack([conv.bias.to(x.dtype) for conv in convs])  # J x G
-    logits = torch.einsum("bgcn,jgc->bjgn", xg, weight) + bias[None, :, :, None]
-    return logits.softmax(dim=-1)
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    """A grouped 1x1 conv computed in x's dtype (float32 or float64) whatever the parameters' dtype."""
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    return F.conv2d(x, weight.to(x.dtype), bias, groups=groups)

@@ -84,12 +84,20 @@ class CrissCrossAttention(nn.Module):
         return x
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        H = x.shape[2]
         query, key, value = self.query(x), self.key(x), self.value(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            weights = criss_cross_weights(at_least_float32(query), at_least_float32(key))
-            value = at_least_float32(value)
-            from_column = torch.einsum("bhwi,bciw->bchw", weights[..., :H], value)
-            from_row = torch.einsum("bhwj,bchj->bchw", weights[..., H:], value)
-            attended = self.gamma * (from_column + from_row)
+        # TorchScript needs an autocast region's device type at compile time: a scripted block runs as it is.
+        if torch.jit.is_scripting():
+            attended = self._aggregate(query, key, value)
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                attended = self._aggregate(query, key, value)
         return x + attended.to(x.dtype)
+
+    def _aggregate(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """gamma * the criss-cross weighted sum of value, in float32 (float64 for float64 inputs)."""
+        H = query.shape[2]
+        weights = criss_cross_weights(at_least_float32(query), at_least_float32(key))
+        value = at_least_float32(value)
+        from_column = torch.einsum("bhwi,bciw->bchw", weights[..., :H], value)
+        from_row = torch.einsum("bhwj,bchj->bchw", weights[..., H:], value)
+        return self.gamma * (from_column + from_row)

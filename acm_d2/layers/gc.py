@@ -69,11 +69,17 @@ class GlobalContext(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_channels("GlobalContext", self.channels, x)
-        B, C, H, W = x.shape
+        # TorchScript needs an autocast region's device type at compile time: a scripted block runs as it is.
+        if torch.jit.is_scripting():
+            return x + self._context(at_least_float32(x)).to(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            features = at_least_float32(x)
-            logits = self.attention_logits(features).view(B, H * W)
-            attention = logits.softmax(dim=1)
-            context = torch.einsum("bcn,bn->bc", features.view(B, C, H * W), attention)
-            added = self.transform(context.view(B, C, 1, 1))
+            added = self._context(at_least_float32(x))
         return x + added.to(x.dtype)
+
+    def _context(self, features: torch.Tensor) -> torch.Tensor:
+        """The transformed attention-pooled context of features (float32 or float64): B x C x 1 x 1."""
+        B, C, H, W = features.shape
+        logits = self.attention_logits(features).view(B, H * W)
+        attention = logits.softmax(dim=1)
+        context = torch.bmm(features.view(B, C, H * W), attention[:, :, None])  # B x C x 1
+        return self.transform(context.view(B, C, 1, 1))

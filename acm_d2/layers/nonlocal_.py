@@ -64,15 +64,22 @@ class NonLocal2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_channels("NonLocal2d", self.channels, x)
-        B, _, H, W = x.shape
         theta, phi, g = self.theta(x), self.phi(x), self.g(x)
         if self.sub_sample:
             phi, g = F.max_pool2d(phi, 2), F.max_pool2d(g, 2)
-        embed = theta.shape[1]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            queries = at_least_float32(theta).flatten(2).transpose(1, 2)  # B x N x embed
-            keys = at_least_float32(phi).flatten(2)  # B x embed x M
-            values = at_least_float32(g).flatten(2).transpose(1, 2)  # B x M x embed
-            attention = torch.bmm(queries, keys).mul_(embed**-0.5).softmax(dim=-1)  # B x N x M
-            z = torch.bmm(attention, values).transpose(1, 2).reshape(B, embed, H, W)
+        # TorchScript needs an autocast region's device type at compile time: a scripted block runs as it is.
+        if torch.jit.is_scripting():
+            z = self._attend(theta, phi, g)
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                z = self._attend(theta, phi, g)
         return x + self.out(z.to(theta.dtype))
+
+    def _attend(self, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Z for the embeddings theta (B x embed x H x W) and phi, g (B x embed x M positions), in float32 or float64."""
+        B, embed, H, W = theta.shape
+        queries = at_least_float32(theta).flatten(2).transpose(1, 2)  # B x N x embed
+        keys = at_least_float32(phi).flatten(2)  # B x embed x M
+        values = at_least_float32(g).flatten(2).transpose(1, 2)  # B x M x embed
+        attention = torch.bmm(queries, keys).mul_(embed**-0.5).softmax(dim=-1)  # B x N x M
+        return torch.bmm(attention, values).transpose(1, 2).reshape(B, embed, H, W)

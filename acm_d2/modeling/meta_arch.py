@@ -2,8 +2,9 @@
 
 One mixin serves every Detectron2 meta-architecture: `ACM<Name>` is `<Name>` plus the loss
 (ACMGeneralizedRCNN for Mask/Faster/Cascade R-CNN, FPN or C4, ACMRetinaNet, ACMPanopticFPN, ...). Inference is
-the base class's, unchanged.
+the base class's, unchanged; torch.jit.script compiles the base class (see __prepare_scriptable__).
 """
+import copy
 import re
 from typing import Dict, List, Tuple
 
@@ -97,10 +98,25 @@ class _OrthLossMixin:
             out.update(self.orth_loss())
         return out
 
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in place of this model: the same modules as an instance of the
+        base meta-architecture (under this class's name). TorchScript cannot compile super() in forward,
+        and the loss it adds exists only in training, which scripting does not export
+        (detectron2.export.scripting_with_instances takes models in eval mode)."""
+        scriptable = copy.copy(self)  # a new __dict__ sharing the submodules, parameters and buffers
+        scriptable.__class__ = self._scriptable_class
+        del scriptable.orth_loss
+        return scriptable
+
 
 def with_orth_loss(base: type) -> type:
     """Register and return `ACM<base>`: the meta-architecture `base` with `loss_acm_orth` in training."""
-    cls = type(f"ACM{base.__name__}", (_OrthLossMixin, base), {"__module__": __name__})
+    name = f"ACM{base.__name__}"
+    # The two classes share one annotations dict: detectron2.export.freeze_training_mode marks `training`
+    # constant there for the classes of the model's modules, and the scripted class must see it too.
+    annotations = {}
+    cls = type(name, (_OrthLossMixin, base), {"__module__": __name__, "__annotations__": annotations})
+    cls._scriptable_class = type(name, (base,), {"__module__": __name__, "__annotations__": annotations})
     cls.__doc__ = f"Detectron2's {base.__name__} plus ACM's orthogonal loss (`loss_acm_orth`) in training."
     META_ARCH_REGISTRY.register(cls)  # returns None when given the class (only the decorator form returns it)
     return cls
