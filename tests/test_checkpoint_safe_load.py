@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
-from acm_d2.checkpoint.files import atomic_write, read_state_dict
+from acm_d2.checkpoint.files import read_state_dict
+from acm_d2.utils.files import atomic_write
 from acm_d2.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, load_checkpoint
 from conftest import REPO
 

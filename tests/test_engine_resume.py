@@ -9,7 +9,7 @@ from detectron2.utils.env import seed_all_rng
 
 from acm_d2.data.datasets import register_coco_dataset
 from acm_d2.engine import ResumableTrainStream, Trainer
-from acm_d2.engine.resume import build_resumable_train_loader
+from acm_d2.data.stream import build_resumable_train_loader
 from conftest import small_cfg
 from test_train_net import SMALL
 
