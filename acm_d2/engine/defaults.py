@@ -17,7 +17,7 @@ from ..data.validate import AUTO_CHECK_MAX_IMAGES
 from .output_lock import lock_output_dir_on_main_process
 
 __all__ = [
-    "argument_parser", "setup", "setup_lazy", "register_datasets", "check_context_keys", "check_num_classes",
+    "argument_parser", "setup", "setup_lazy", "register_datasets", "check_num_classes",
     "load_weights_for_evaluation",
 ]
 

@@ -23,7 +23,7 @@ from .defaults import check_num_classes
 from .output_lock import lock_output_dir_on_main_process
 from .resume import ExactResumeHook
 
-__all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "create_ddp_model_any_device"]
+__all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "build_step_trainer", "create_ddp_model_any_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,14 @@ class _SimpleTrainer(_StopOnNonFiniteLoss, SimpleTrainer):
 
 class _AMPTrainer(_StopOnNonFiniteLoss, AMPTrainer):
     pass
+
+
+def build_step_trainer(model, data_loader, optimizer, amp: bool = False, precision=torch.float16):
+    """Detectron2's SimpleTrainer, or AMPTrainer with `precision`, that stops with NonFiniteLossError
+    naming the loss terms when one becomes inf/NaN (shared by Trainer and tools/lazyconfig_train_net.py)."""
+    if amp:
+        return _AMPTrainer(model, data_loader, optimizer, precision=precision)
+    return _SimpleTrainer(model, data_loader, optimizer)
 
 
 class RanksInSyncCheck(HookBase):
@@ -119,10 +127,8 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        if cfg.SOLVER.AMP.ENABLED:
-            set_inner_trainer(self, _AMPTrainer(model, data_loader, optimizer, precision=amp_precision(cfg)))
-        else:
-            set_inner_trainer(self, _SimpleTrainer(model, data_loader, optimizer))
+        amp = cfg.SOLVER.AMP.ENABLED
+        set_inner_trainer(self, build_step_trainer(model, data_loader, optimizer, amp, amp_precision(cfg) if amp else None))
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
