@@ -37,7 +37,7 @@ from typing import Callable, Dict, List
 import torch
 
 from . import __version__
-from .checkpoint.files import atomic_write
+from .utils.files import atomic_write
 from .layers.acm import AttendAndCompare
 from .layers.acm_fused import FUSED_VARIANTS, acm_fused, triton_available
 

@@ -1,11 +1,17 @@
+"""Fixtures and helpers shared by the test files (they import them from here, never from each other)."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.utils.env import seed_all_rng
 
 import acm_d2
+from acm_d2.data.datasets import register_coco_dataset
 from acm_d2.data.synthetic import generate_dataset
+from acm_d2.engine import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -62,3 +68,73 @@ def tiny_dataset(tmp_path_factory):
     """A generated COCO-format dataset: 8 train and 4 val images of 96 px."""
     root = str(tmp_path_factory.mktemp("synthetic"))
     return generate_dataset(root, num_train=8, num_val=4, image_size=96, seed=0)
+
+
+# tools/train_net.py as a user runs it, in a subprocess
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml")
+# ACM R-18 FPN at 96 px: the shipped config's code path, small enough for 2 CPU cores. From random
+# weights the frozen-BN trunk diverges in a few steps (with or without ACM): GroupNorm trains.
+SMALL = [
+    "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN",
+    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "2",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "SEED", "1",
+    "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
+]
+
+
+def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
+    """Run train_net; `args` go before the small test config (SMALL), `opts` after it (they win)."""
+    datasets = []
+    for split, (json_file, image_root) in tiny_dataset.items():
+        datasets += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
+    cmd = [sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", str(num_gpus), *datasets, *args]
+    cmd += [*SMALL, "OUTPUT_DIR", str(output_dir), *opts]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if num_gpus > 1 else "2")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+# the Trainer in-process
+LOSS_TERMS = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc", "loss_acm_orth")
+
+
+def trainer_cfg(tiny_dataset, output_dir, *opts):
+    for split, (json_file, image_root) in tiny_dataset.items():
+        register_coco_dataset(f"tiny_{split}", json_file, image_root)
+    cfg = small_cfg("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml", *SMALL, "OUTPUT_DIR", str(output_dir), *opts)
+    return cfg
+
+
+class Interrupt(Exception):
+    pass
+
+
+def train(cfg, resume=False, interrupt_at=None):
+    """Train as tools/train_net.py does (seeded as default_setup seeds); return {iteration: {term: loss}}."""
+    from detectron2.engine import HookBase
+
+    losses = {}
+
+    class Record(HookBase):
+        def after_step(self):
+            if interrupt_at is not None and self.trainer.iter + 1 == interrupt_at:
+                raise Interrupt()  # as if killed after this step: whatever came after the last checkpoint is lost
+            hist = self.trainer.storage.histories()
+            losses[self.trainer.iter] = {k: hist[k].latest() for k in LOSS_TERMS + ("total_loss", "lr")}
+
+    seed_all_rng(cfg.SEED)
+    trainer = Trainer(cfg)
+    trainer.register_hooks([Record()])
+    trainer.resume_or_load(resume=resume)
+    try:
+        trainer.train()
+    except Interrupt:
+        pass
+    return losses, trainer

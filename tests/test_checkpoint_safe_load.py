@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
-from acm_d2.checkpoint.files import atomic_write, read_state_dict
+from acm_d2.checkpoint.files import read_state_dict
+from acm_d2.utils.files import atomic_write
 from acm_d2.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, load_checkpoint
 from conftest import REPO
 
@@ -98,7 +99,7 @@ def test_trainer_checkpoint_needs_nothing_but_weights(tiny_dataset, tmp_path):
     """model_*.pth written by the trainer (model, optimizer, scheduler, iteration, trainer/hook state with
     the metric history, AMP grad scaler) is read with weights_only=True and no allow-listed class."""
     from acm_d2.engine import Trainer
-    from test_engine_resume import train, trainer_cfg
+    from conftest import train, trainer_cfg
 
     train(trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 1, "DATASETS.TEST", ()))
     data = load_checkpoint(str(tmp_path / "model_final.pth"), trusted=False)

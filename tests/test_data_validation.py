@@ -97,7 +97,7 @@ def test_recoverable_problems_are_dropped_and_logged(coco, tmp_path, tiny_datase
 
 
 def test_training_stream_runs_through_a_dataset_with_dropped_records(coco, tmp_path, tiny_dataset):
-    from acm_d2.engine.resume import build_resumable_train_loader
+    from acm_d2.data.stream import build_resumable_train_loader
 
     image_root = tiny_dataset["train"][1]
     path = write(tmp_path, bad_but_usable(coco, image_root))

@@ -7,10 +7,11 @@ import torch
 from detectron2.modeling import build_model
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
-from acm_d2.engine import NonFiniteLossError, Trainer, check_context_keys
+from acm_d2.engine import NonFiniteLossError, Trainer
+from acm_d2.modeling import check_context_keys
 from acm_d2.modeling.meta_arch import OrthogonalLoss
 from conftest import small_cfg, training_batch
-from test_engine_resume import train, trainer_cfg
+from conftest import train, trainer_cfg
 
 ACM = "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml"
 PLAIN = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"

@@ -11,8 +11,8 @@ import pytest
 
 from acm_d2.engine import OutputDirInUseError, Trainer, lock_output_dir
 from acm_d2.engine.output_lock import LOCK_NAME
-from test_engine_resume import trainer_cfg
-from test_train_net import CONFIG, SMALL, TRAIN_NET
+from conftest import trainer_cfg
+from conftest import CONFIG, SMALL, TRAIN_NET
 
 HOLD = "import sys, time; from acm_d2.engine import lock_output_dir; lock_output_dir(sys.argv[1]); print('LOCKED', flush=True); time.sleep(600)"
 

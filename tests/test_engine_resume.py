@@ -5,51 +5,10 @@ import os
 
 import pytest
 import torch
-from detectron2.utils.env import seed_all_rng
 
-from acm_d2.data.datasets import register_coco_dataset
-from acm_d2.engine import ResumableTrainStream, Trainer
-from acm_d2.engine.resume import build_resumable_train_loader
-from conftest import small_cfg
-from test_train_net import SMALL
-
-LOSS_TERMS = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc", "loss_acm_orth")
-
-
-def trainer_cfg(tiny_dataset, output_dir, *opts):
-    for split, (json_file, image_root) in tiny_dataset.items():
-        register_coco_dataset(f"tiny_{split}", json_file, image_root)
-    cfg = small_cfg("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml", *SMALL, "OUTPUT_DIR", str(output_dir), *opts)
-    return cfg
-
-
-class Interrupt(Exception):
-    pass
-
-
-def train(cfg, resume=False, interrupt_at=None):
-    """Train as tools/train_net.py does (seeded as default_setup seeds); return {iteration: {term: loss}}."""
-    from detectron2.engine import HookBase
-
-    losses = {}
-
-    class Record(HookBase):
-        def after_step(self):
-            if interrupt_at is not None and self.trainer.iter + 1 == interrupt_at:
-                raise Interrupt()  # as if killed after this step: whatever came after the last checkpoint is lost
-            hist = self.trainer.storage.histories()
-            losses[self.trainer.iter] = {k: hist[k].latest() for k in LOSS_TERMS + ("total_loss", "lr")}
-
-    seed_all_rng(cfg.SEED)
-    trainer = Trainer(cfg)
-    trainer.register_hooks([Record()])
-    trainer.resume_or_load(resume=resume)
-    try:
-        trainer.train()
-    except Interrupt:
-        pass
-    return losses, trainer
-
+from acm_d2.data.stream import ResumableTrainStream, build_resumable_train_loader
+from acm_d2.engine import Trainer
+from conftest import LOSS_TERMS, train, trainer_cfg
 
 def final_metrics_row(output_dir):
     with open(os.path.join(output_dir, "metrics.json")) as f:

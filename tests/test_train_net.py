@@ -4,38 +4,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from conftest import REPO
-
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
-CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml")
-# ACM R-18 FPN at 96 px: the shipped config's code path, small enough for 2 CPU cores. From random
-# weights the frozen-BN trunk diverges in a few steps (with or without ACM): GroupNorm trains.
-SMALL = [
-    "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN",
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "2",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "SEED", "1",
-    "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
-]
-
-
-def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
-    """Run train_net; `args` go before the small test config (SMALL), `opts` after it (they win)."""
-    datasets = []
-    for split, (json_file, image_root) in tiny_dataset.items():
-        datasets += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
-    cmd = [sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", str(num_gpus), *datasets, *args]
-    cmd += [*SMALL, "OUTPUT_DIR", str(output_dir), *opts]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if num_gpus > 1 else "2")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
+from conftest import CONFIG, TRAIN_NET, run_train_net
 
 
 def metrics(output_dir):

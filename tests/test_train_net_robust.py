@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from acm_d2.data.synthetic import generate_dataset
-from test_train_net import CONFIG, SMALL, TRAIN_NET, run_train_net
+from conftest import CONFIG, SMALL, TRAIN_NET, run_train_net
 
 # Runs train_net with torch.save slowed down at its PAUSE_AT-th call: it writes half of the bytes,
 # says so, and sleeps, so that the test can kill -9 the process in the middle of writing a checkpoint.

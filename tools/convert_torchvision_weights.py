@@ -16,7 +16,8 @@ import argparse
 import pickle
 import sys
 
-from acm_d2.checkpoint.files import atomic_write, check_output_path, read_state_dict
+from acm_d2.checkpoint.files import read_state_dict
+from acm_d2.utils.files import atomic_write, check_output_path
 from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
 from acm_d2.checkpoint.torchvision import INPUT_FORMATS, convert_torchvision_state_dict, torchvision_config
 

@@ -7,21 +7,27 @@
         dataloader.train.dataset.names=my_train
 
 The config holds model, dataloader.{train,test,evaluator}, optimizer, lr_multiplier and train (see
-configs/common/train.py); overrides are `key=value`. As tools/train_net.py: acm_d2's set-up (CPU fallback,
---coco-dataset, a locked output folder), a DDP wrapper that also works for CPU models, and checkpoints
-read without running code from them, checked, and written atomically.
+Detectron2's model_zoo configs/common/train.py); overrides are `key=value`. As tools/train_net.py, through
+the same pieces: acm_d2's set-up (CPU fallback, --coco-dataset, a locked output folder), a DDP wrapper
+that also works for CPU models, checkpoints read without running code from them, checked and written
+atomically, the stop on a non-finite loss naming the terms, and the per-step random seeding and metric
+history of exact resume (ExactResumeHook). What it lacks against tools/train_net.py: the data stream
+restarts at a resume (the config's own dataloader, not acm_d2's resumable one, so the images after a
+resume differ from an uninterrupted run's), and a run killed while writing model_final.pth is not
+completed by --resume.
 """
 import logging
 
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, also in spawned workers)
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
 from acm_d2.engine import (
-    argument_parser, create_ddp_model_any_device, launch, load_weights_for_evaluation, register_datasets, setup_lazy,
+    ExactResumeHook, argument_parser, build_step_trainer, create_ddp_model_any_device, launch, load_weights_for_evaluation,
+    register_datasets, setup_lazy,
 )
 
 logger = logging.getLogger("acm_d2")
@@ -41,11 +47,15 @@ def train(cfg, resume: bool):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     model = create_ddp_model_any_device(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, instantiate(cfg.dataloader.train), optimizer)
+    trainer = build_step_trainer(model, instantiate(cfg.dataloader.train), optimizer, amp=cfg.train.amp.enabled)
+    seed = cfg.train.get("seed", -1)  # Detectron2's common/train.py has none: then one drawn for all ranks
+    resume_hook = ExactResumeHook(seed if seed >= 0 else comm.shared_random_seed())
+    # The trainer's state (saved with the checkpoint) holds its hooks' state, ExactResumeHook's seed and history.
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
+            resume_hook,
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,

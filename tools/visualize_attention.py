@@ -76,7 +76,7 @@ def main(argv=None):
     import acm_d2
     from acm_d2.checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
     from acm_d2.checkpoint.safe_load import TRUST_ENV
-    from acm_d2.engine.demo import resolve_device
+    from acm_d2.utils.device import resolve_device
     from acm_d2.visualization import attention as vis
 
     cfg = get_cfg()

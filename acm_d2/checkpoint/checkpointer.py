@@ -28,7 +28,8 @@ from collections.abc import Mapping
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .files import TMP_SUFFIX, atomic_write
+from ..compat import clear_checkpointer_url_state
+from ..utils.files import TMP_SUFFIX, atomic_write
 from .safe_load import CheckpointError, UntrustedCheckpointError, load_checkpoint
 
 __all__ = ["AtomicCheckpointer", "CheckpointError", "is_context_key"]
@@ -114,8 +115,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().load(path, checkpointables)
         finally:
             self._loading, self._resuming = None, False
-            # Detectron2 resets this only after a successful load, and asserts it is None on the next one.
-            self._parsed_url_during_load = None
+            clear_checkpointer_url_state(self)
 
     def _torch_load(self, f):
         try:

@@ -13,6 +13,8 @@ from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
+from ..compat import transform_annotations
+
 __all__ = ["read_image", "DatasetMapper", "instance_mask_format"]
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class DatasetMapper(_DatasetMapper):
             dataset_dict.pop("sem_seg_file_name", None)
             return dataset_dict
         if "annotations" in dataset_dict:
-            self._transform_annotations(dataset_dict, transforms, image_shape)
+            transform_annotations(self, dataset_dict, transforms, image_shape)
         return dataset_dict
 
 

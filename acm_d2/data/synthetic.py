@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
-from ..checkpoint.files import atomic_write
+from ..utils.files import atomic_write
 
 __all__ = ["CLASSES", "SHAPES", "generate_split", "generate_dataset", "register_synthetic_dataset"]
 

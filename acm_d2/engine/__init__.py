@@ -1,7 +1,7 @@
 from .defaults import (  # noqa: F401
-    argument_parser, check_context_keys, load_weights_for_evaluation, register_datasets, setup, setup_lazy,
+    argument_parser, load_weights_for_evaluation, register_datasets, setup, setup_lazy,
 )
 from .launch import launch  # noqa: F401
 from .output_lock import OutputDirInUseError, lock_output_dir  # noqa: F401
-from .resume import ExactResumeHook, ResumableTrainStream, build_resumable_train_loader  # noqa: F401
-from .trainer import NonFiniteLossError, Trainer, create_ddp_model_any_device  # noqa: F401
+from .resume import ExactResumeHook  # noqa: F401
+from .trainer import NonFiniteLossError, Trainer, build_step_trainer, create_ddp_model_any_device  # noqa: F401

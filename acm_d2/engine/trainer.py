@@ -14,13 +14,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import AtomicCheckpointer
+from ..compat import set_inner_trainer
 from ..config import amp_precision
 from ..data.mapper import DatasetMapper, instance_mask_format
-from .defaults import check_context_keys, check_num_classes
+from ..data.stream import ResumableTrainStream, build_resumable_train_loader
+from ..modeling.checks import check_context_keys
+from .defaults import check_num_classes
 from .output_lock import lock_output_dir_on_main_process
-from .resume import ExactResumeHook, ResumableTrainStream, build_resumable_train_loader
+from .resume import ExactResumeHook
 
-__all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "create_ddp_model_any_device"]
+__all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "build_step_trainer", "create_ddp_model_any_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,14 @@ class _SimpleTrainer(_StopOnNonFiniteLoss, SimpleTrainer):
 
 class _AMPTrainer(_StopOnNonFiniteLoss, AMPTrainer):
     pass
+
+
+def build_step_trainer(model, data_loader, optimizer, amp: bool = False, precision=torch.float16):
+    """Detectron2's SimpleTrainer, or AMPTrainer with `precision`, that stops with NonFiniteLossError
+    naming the loss terms when one becomes inf/NaN (shared by Trainer and tools/lazyconfig_train_net.py)."""
+    if amp:
+        return _AMPTrainer(model, data_loader, optimizer, precision=precision)
+    return _SimpleTrainer(model, data_loader, optimizer)
 
 
 class RanksInSyncCheck(HookBase):
@@ -116,10 +127,8 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        if cfg.SOLVER.AMP.ENABLED:
-            self._trainer = _AMPTrainer(model, data_loader, optimizer, precision=amp_precision(cfg))
-        else:
-            self._trainer = _SimpleTrainer(model, data_loader, optimizer)
+        amp = cfg.SOLVER.AMP.ENABLED
+        set_inner_trainer(self, build_step_trainer(model, data_loader, optimizer, amp, amp_precision(cfg) if amp else None))
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -136,7 +145,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """Detectron2's build_model after check_context_keys (keys the model would ignore are an error)."""
+        """Detectron2's build_model after check_context_keys: the ACM backbones and meta-architectures run
+        it themselves, this also catches context keys on a plain backbone under a plain meta-architecture."""
         check_context_keys(cfg)
         return super().build_model(cfg)
 
@@ -147,7 +157,7 @@ class Trainer(DefaultTrainer):
         against data without masks, and RLE masks switch the mapper to bitmasks (see
         acm_d2.data.mapper.instance_mask_format)."""
         names = cfg.DATASETS.TRAIN
-        dataset = get_detection_dataset_dicts(  # the arguments of Detectron2's _train_loader_from_config
+        dataset = get_detection_dataset_dicts(  # as Detectron2's training loader reads the datasets
             names,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,

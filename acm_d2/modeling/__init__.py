@@ -1,5 +1,6 @@
 """Detectron2 glue: backbones, context-module registry, C4 ROI head and meta-architectures (registered on import)."""
 from .backbone import *  # noqa: F401,F403
-from .context import CONTEXT_MODULE_REGISTRY, build_context_module, context_builder, is_block_selected  # noqa: F401
+from .checks import check_context_keys, check_model_config  # noqa: F401
+from .context import CONTEXT_BACKBONES, CONTEXT_MODULE_REGISTRY, build_context_module, context_builder, is_block_selected  # noqa: F401
 from .meta_arch import *  # noqa: F401,F403
 from .roi_heads import ACMRes5ROIHeads  # noqa: F401

@@ -11,8 +11,9 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch.nn import functional as F
 
-from ..config import RESNET_STAGES, validate_acm_config
-from .context import build_context_module
+from ..config import RESNET_STAGES
+from .checks import check_model_config
+from .context import CONTEXT_BACKBONES, build_context_module
 
 __all__ = [
     "ContextBasicBlock",
@@ -135,10 +136,17 @@ def make_context_stages(
     return built
 
 
+def _context_backbone(builder):
+    """Register a backbone builder that puts context modules into its blocks."""
+    BACKBONE_REGISTRY.register(builder)
+    CONTEXT_BACKBONES.append(builder.__name__)
+    return builder
+
+
 def make_context_stages_from_config(cfg, stages):
     """make_context_stages with every argument from cfg.MODEL.RESNETS and the context module of
     cfg.MODEL.CONTEXT_MODULE; raises ValueError naming the cfg key for what the blocks cannot do."""
-    validate_acm_config(cfg)
+    check_model_config(cfg)
     r = cfg.MODEL.RESNETS
     if r.DEPTH not in NUM_BLOCKS_PER_STAGE:
         raise ValueError(f"cfg.MODEL.RESNETS.DEPTH = {r.DEPTH} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}")
@@ -164,7 +172,7 @@ def make_context_stages_from_config(cfg, stages):
     )
 
 
-@BACKBONE_REGISTRY.register()
+@_context_backbone
 def build_acm_resnet_backbone(cfg, input_shape: ShapeSpec):
     """Detectron2's build_resnet_backbone with a context module per block (cfg.MODEL.CONTEXT_MODULE).
 
@@ -191,13 +199,13 @@ def _fpn(cfg, bottom_up, top_block):
     )
 
 
-@BACKBONE_REGISTRY.register()
+@_context_backbone
 def build_acm_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """The ACM ResNet under an FPN with a max-pooled P6, as Detectron2's build_resnet_fpn_backbone."""
     return _fpn(cfg, build_acm_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
 
 
-@BACKBONE_REGISTRY.register()
+@_context_backbone
 def build_acm_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """The ACM ResNet under an FPN with P6-P7 from res5, as Detectron2's RetinaNet builder."""
     bottom_up = build_acm_resnet_backbone(cfg, input_shape)

@@ -17,6 +17,9 @@ Each entry is registered under the value of cfg.MODEL.CONTEXT_MODULE that select
 `entry(cfg, stage, block_index, num_blocks, channels)`; it returns the nn.Module to run after the last
 conv of that block (and its norm), or None to leave the block plain. `stage` is "res2".."res5".
 """
+# The names of the BACKBONE_REGISTRY builders that put context modules into their blocks
+# (acm_d2.modeling.backbone adds its builders here as it registers them).
+CONTEXT_BACKBONES = []
 
 
 def is_block_selected(key, stages, blocks, stage, block_index, num_blocks):
@@ -39,6 +42,12 @@ def is_block_selected(key, stages, blocks, stage, block_index, num_blocks):
 
 
 # Entries are named after the cfg.MODEL.CONTEXT_MODULE value that selects them.
+@CONTEXT_MODULE_REGISTRY.register()
+def none(cfg, stage, block_index, num_blocks, channels):
+    """No context module: the backbones build a plain ResNet."""
+    return None
+
+
 @CONTEXT_MODULE_REGISTRY.register()
 def ACM(cfg, stage, block_index, num_blocks, channels):
     """ACM in every block of cfg.MODEL.ACM.STAGES (ACM has no BLOCKS key)."""
@@ -74,8 +83,6 @@ _register_placed(
 def build_context_module(cfg, stage, block_index, num_blocks, channels):
     """The context module for one block, or None (also for cfg.MODEL.CONTEXT_MODULE == "none")."""
     name = cfg.MODEL.CONTEXT_MODULE
-    if name == "none":
-        return None
     try:
         return CONTEXT_MODULE_REGISTRY.get(name)(cfg, stage, block_index, num_blocks, channels)
     except ValueError as error:

@@ -14,8 +14,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, PanopticFPN
 from detectron2.modeling.meta_arch import FCOS
 from torch import nn
 
-from ..config import validate_acm_config
 from ..layers.acm import AttendAndCompare
+from .checks import check_model_config
 
 __all__ = ["OrthogonalLoss", "ACMGeneralizedRCNN", "ACMRetinaNet", "ACMFCOS", "ACMPanopticFPN", "ACMSemanticSegmentor"]
 
@@ -87,7 +87,7 @@ class _OrthLossMixin:
 
     @classmethod
     def from_config(cls, cfg):
-        validate_acm_config(cfg)
+        check_model_config(cfg)
         ret = super().from_config(cfg)
         ret.update(orth_loss_weight=cfg.MODEL.ACM.ORTH_LOSS_WEIGHT, orth_loss_mode=cfg.MODEL.ACM.ORTH_LOSS_MODE)
         return ret

@@ -1,0 +1,86 @@
+"""Config checks that need the model code: which context module names exist, which backbones build
+context modules, which meta-architectures add the orthogonal loss. They run wherever a model is built
+(the ACM backbones and meta-architectures call `check_model_config`), so `build_model(cfg)` in a
+user's own code gets them as tools/train_net.py does.
+"""
+import logging
+
+from detectron2.config import get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from ..config import PEER_MODULES, add_acm_config, validate_acm_config
+from .context import CONTEXT_BACKBONES, CONTEXT_MODULE_REGISTRY
+
+__all__ = ["check_model_config", "check_context_module_name", "check_context_keys"]
+
+CONTEXT_NODES = ("ACM",) + PEER_MODULES
+
+
+def check_model_config(cfg) -> None:
+    """Every check of the context-module keys: their values (acm_d2.config.validate_acm_config), the
+    module's name, and keys the chosen model would ignore."""
+    validate_acm_config(cfg)
+    check_context_module_name(cfg.MODEL.CONTEXT_MODULE)
+    check_context_keys(cfg)
+
+
+def check_context_module_name(name: str) -> None:
+    registered = sorted(n for n, _ in CONTEXT_MODULE_REGISTRY)
+    if name not in registered:
+        raise ValueError(f"cfg.MODEL.CONTEXT_MODULE = {name!r} is invalid; allowed: {registered}")
+
+
+def _non_default_keys(cfg, nodes):
+    """The keys of MODEL.<node> (and MODEL.CONTEXT_MODULE) whose values differ from add_acm_config's."""
+    default = get_cfg()
+    add_acm_config(default)
+
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    nodes_ = [n for n in nodes if n != "CONTEXT_MODULE"]
+    keys = [f"MODEL.{n}.{k}" for n in nodes_ for k in cfg.MODEL[n] if norm(cfg.MODEL[n][k]) != norm(default.MODEL[n][k])]
+    if "CONTEXT_MODULE" in nodes and cfg.MODEL.CONTEXT_MODULE != default.MODEL.CONTEXT_MODULE:
+        keys.insert(0, "MODEL.CONTEXT_MODULE")
+    return keys
+
+
+def check_context_keys(cfg) -> None:
+    """Refuse context-module keys that the chosen model would silently ignore.
+
+    Errors (ValueError naming the keys), because the run would not be the one the config describes:
+      * MODEL.CONTEXT_MODULE, MODEL.ACM.* or a peer's keys changed while MODEL.BACKBONE.NAME is a backbone
+        without context modules (e.g. Detectron2's build_resnet_fpn_backbone): nothing reads them.
+      * ACMs in the backbone with MODEL.ACM.ORTH_LOSS_WEIGHT > 0 under a meta-architecture that does not
+        add `loss_acm_orth` (e.g. plain GeneralizedRCNN): the orthogonal loss would vanish. A plain
+        meta-architecture with ORTH_LOSS_WEIGHT 0 is a legitimate "ACM without the loss" run (Table 2c).
+    Warnings, because ablation configs inherit them on purpose and the run is still what the active keys say:
+      * keys of another context module's node than MODEL.CONTEXT_MODULE (e.g. MODEL.ACM.* while SE is used);
+      * an ACM meta-architecture whose backbone has no ACM (its `loss_acm_orth` is simply absent).
+    """
+    from .meta_arch import _OrthLossMixin  # the meta-architectures build backbones: imported when needed
+
+    log = logging.getLogger("acm_d2")
+    backbone, module = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.CONTEXT_MODULE
+    if backbone not in CONTEXT_BACKBONES:
+        keys = _non_default_keys(cfg, ("CONTEXT_MODULE",) + CONTEXT_NODES)
+        if keys:
+            raise ValueError(
+                f"cfg.{', cfg.'.join(keys)} set, but MODEL.BACKBONE.NAME = {backbone!r} builds no context module, "
+                f"so nothing would read them; use one of {list(CONTEXT_BACKBONES)} or remove the keys"
+            )
+    ignored = _non_default_keys(cfg, [n for n in CONTEXT_NODES if n != module])
+    if backbone in CONTEXT_BACKBONES and ignored:
+        log.warning(f"cfg.{', cfg.'.join(ignored)} are ignored: MODEL.CONTEXT_MODULE is {module!r}")
+    has_acm = backbone in CONTEXT_BACKBONES and module == "ACM" and len(cfg.MODEL.ACM.STAGES) > 0
+    meta = cfg.MODEL.META_ARCHITECTURE
+    adds_orth_loss = meta in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(meta), _OrthLossMixin)
+    weight = cfg.MODEL.ACM.ORTH_LOSS_WEIGHT
+    if has_acm and not adds_orth_loss and weight > 0:
+        raise ValueError(
+            f"cfg.MODEL.ACM.ORTH_LOSS_WEIGHT = {weight}, but MODEL.META_ARCHITECTURE = {meta!r} does not add the "
+            f"orthogonal loss, so it would silently vanish; use 'ACM{meta}' if it exists (see "
+            "acm_d2.modeling.meta_arch), or set MODEL.ACM.ORTH_LOSS_WEIGHT 0 to train ACM without it"
+        )
+    if adds_orth_loss and not has_acm and weight > 0:
+        log.warning(f"MODEL.META_ARCHITECTURE = {meta!r} but the backbone has no ACM: there is no loss_acm_orth")
