@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.acm_d2-installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo demo-compare venv wheelhouse clean
+.PHONY: test test-all lint demo demo-compare venv wheelhouse clean
 
 # The stamp is written last, so an interrupted install counts as incomplete and is redone.
 $(STAMP): setup.py scripts/install_detectron2.sh Makefile
@@ -23,13 +23,18 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# ruff.toml: pycodestyle, pyflakes and import order, formatted at Detectron2's line length (100).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 demo: $(STAMP)
 	$(PY) tools/demo.py --output output/demo
 
 demo-compare: $(STAMP)
 	$(PY) tools/demo.py --output output/demo-compare --compare
 
-# Offline install (README "Offline install"): the wheels of acm_d2, detectron2 and their dependencies
+# Offline install (docs/install.md): the wheels of acm_d2, detectron2 and their dependencies
 # for CPython $(PYTHON_VERSION) (default: $(PY)'s) on manylinux x86_64, minus WHEELHOUSE_EXCLUDE, which the
 # target environment must already have. torchvision requires numpy and Pillow, so every torch
 # environment has those too.

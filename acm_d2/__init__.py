@@ -5,6 +5,7 @@ build_acm_resnet_fpn_backbone, build_acm_retinanet_resnet_fpn_backbone), the con
 meta-architectures. Without it, the layers (`from acm_d2.layers import AttendAndCompare`) still work:
 they are pure PyTorch.
 """
+
 __version__ = "0.1.0"
 
 try:
@@ -19,5 +20,7 @@ else:
 
 def __getattr__(name):
     if _DETECTRON2_MISSING and name in ("add_acm_config", "validate_acm_config", "modeling"):
-        raise ImportError(f"acm_d2.{name} needs Detectron2, which is not installed (see docs/install.md); acm_d2.layers works without it")
+        raise ImportError(
+            f"acm_d2.{name} needs Detectron2, which is not installed (see docs/install.md); acm_d2.layers works without it"
+        )
     raise AttributeError(f"module 'acm_d2' has no attribute {name!r}")

@@ -7,6 +7,7 @@ upgrade that moves one fails there, with its name, rather than deep inside a tra
 Private methods that acm_d2 *overrides* in subclasses are listed in OVERRIDDEN (class, method, the
 parameters acm_d2 calls or receives); the accesses go through the functions below.
 """
+
 import inspect
 from typing import Dict, Iterator, List
 
@@ -19,8 +20,15 @@ from detectron2.utils.events import EventStorage
 from fvcore.common.history_buffer import HistoryBuffer
 
 __all__ = [
-    "OVERRIDDEN", "check", "sampler_index_stream", "has_index_stream", "train_loader_arguments",
-    "history_state", "restore_history", "clear_checkpointer_url_state", "transform_annotations",
+    "OVERRIDDEN",
+    "check",
+    "sampler_index_stream",
+    "has_index_stream",
+    "train_loader_arguments",
+    "history_state",
+    "restore_history",
+    "clear_checkpointer_url_state",
+    "transform_annotations",
     "set_inner_trainer",
 ]
 
@@ -59,7 +67,11 @@ def history_state(storage: EventStorage, window: int) -> Dict[str, Dict]:
     state = {}
     for name, buffer in storage.histories().items():
         values = [(float(v), int(i)) for v, i in buffer.values()[-window:]]
-        state[name] = {"values": values, "count": int(buffer._count), "global_avg": float(buffer._global_avg)}
+        state[name] = {
+            "values": values,
+            "count": int(buffer._count),
+            "global_avg": float(buffer._global_avg),
+        }
     return state
 
 
@@ -106,7 +118,9 @@ def check() -> List[str]:
     buffer = HistoryBuffer()
     buffer.update(1.0)
     if not all(hasattr(buffer, a) for a in ("_data", "_count", "_global_avg")):
-        problems.append("fvcore HistoryBuffer lost _data/_count/_global_avg (exact resume of metrics)")
+        problems.append(
+            "fvcore HistoryBuffer lost _data/_count/_global_avg (exact resume of metrics)"
+        )
     with EventStorage() as storage:
         if not hasattr(storage, "_history"):
             problems.append("detectron2 EventStorage has no _history")

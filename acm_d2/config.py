@@ -1,5 +1,6 @@
 """The config keys of acm_d2, in one place: `add_acm_config(cfg)` adds them, `validate_acm_config(cfg)`
 checks the values a user merged in (it runs when a backbone or meta-architecture is built)."""
+
 import torch
 from detectron2.config import CfgNode as CN
 
@@ -102,7 +103,11 @@ def _check_stages(key, stages):
 def _check_blocks(key, blocks):
     """Types only: whether an index exists depends on the depth, so the range is checked at build time."""
     if not all(_is_int(i) for i in blocks):
-        _fail(key, list(blocks), "a list of block indices (integers, negative from the end; [] = every block)")
+        _fail(
+            key,
+            list(blocks),
+            "a list of block indices (integers, negative from the end; [] = every block)",
+        )
 
 
 def amp_precision(cfg):
@@ -115,10 +120,16 @@ def amp_precision(cfg):
 def validate_acm_config(cfg):
     """Raise ValueError naming the key, the bad value and the allowed values."""
     if "ACM" not in cfg.MODEL:
-        raise KeyError("cfg.MODEL.ACM is missing: call acm_d2.add_acm_config(cfg) before merging a config file")
+        raise KeyError(
+            "cfg.MODEL.ACM is missing: call acm_d2.add_acm_config(cfg) before merging a config file"
+        )
     acm = cfg.MODEL.ACM
     if not isinstance(acm.NUM_GROUPS, int) or acm.NUM_GROUPS < 1:
-        _fail("MODEL.ACM.NUM_GROUPS", acm.NUM_GROUPS, "a positive integer dividing every ACM stage's channels")
+        _fail(
+            "MODEL.ACM.NUM_GROUPS",
+            acm.NUM_GROUPS,
+            "a positive integer dividing every ACM stage's channels",
+        )
     _check_positive_int("MODEL.ACM.REDUCTION", acm.REDUCTION)
     _check_stages("MODEL.ACM.STAGES", acm.STAGES)
     if acm.VARIANT not in ACM_VARIANTS:
@@ -129,8 +140,16 @@ def validate_acm_config(cfg):
         _fail("MODEL.ACM.IMPL", acm.IMPL, list(ACM_IMPLS))
     if acm.ORTH_LOSS_MODE not in ORTH_LOSS_MODES:
         _fail("MODEL.ACM.ORTH_LOSS_MODE", acm.ORTH_LOSS_MODE, list(ORTH_LOSS_MODES))
-    if acm.ORTH_LOSS_MODE == "official" and "res5" not in acm.STAGES and cfg.MODEL.CONTEXT_MODULE == "ACM":
-        _fail("MODEL.ACM.ORTH_LOSS_MODE", "official", "'paper', or add res5 to MODEL.ACM.STAGES ('official' sums the res5 ACMs only)")
+    if (
+        acm.ORTH_LOSS_MODE == "official"
+        and "res5" not in acm.STAGES
+        and cfg.MODEL.CONTEXT_MODULE == "ACM"
+    ):
+        _fail(
+            "MODEL.ACM.ORTH_LOSS_MODE",
+            "official",
+            "'paper', or add res5 to MODEL.ACM.STAGES ('official' sums the res5 ACMs only)",
+        )
     for peer in PEER_MODULES:
         _check_stages(f"MODEL.{peer}.STAGES", cfg.MODEL[peer].STAGES)
         _check_blocks(f"MODEL.{peer}.BLOCKS", cfg.MODEL[peer].BLOCKS)

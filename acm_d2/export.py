@@ -7,6 +7,7 @@ scripting_with_instances. While a graph is captured, every ACM computes with sta
 acm_d2/layers/acm.py), so the files written here load and run where acm_d2 is not installed:
 torch.jit.load, C++ libtorch, onnxruntime.
 """
+
 import io
 from typing import Dict, List, Sequence, Tuple
 
@@ -75,7 +76,9 @@ class _ScriptableRCNN(_ScriptableAdapter):
 
 class _ScriptableDenseDetector(_ScriptableAdapter):
     def forward(self, inputs: Tuple[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
-        instances = self.model(inputs)  # a scripted DenseDetector returns its detections before rescaling
+        instances = self.model(
+            inputs
+        )  # a scripted DenseDetector returns its detections before rescaling
         return [i.get_fields() for i in instances]
 
 
@@ -90,7 +93,9 @@ def script_model(model: nn.Module) -> torch.jit.ScriptModule:
     elif isinstance(model, DenseDetector):
         adapter = _ScriptableDenseDetector(model)
     else:
-        raise ValueError(f"scripting supports R-CNN models and dense detectors (RetinaNet, FCOS), not {type(model).__name__}")
+        raise ValueError(
+            f"scripting supports R-CNN models and dense detectors (RetinaNet, FCOS), not {type(model).__name__}"
+        )
     return scripting_with_instances(adapter, SCRIPTING_FIELDS)
 
 
@@ -105,14 +110,25 @@ def scripted_outputs(model: nn.Module, image: Tensor) -> Dict[str, Tensor]:
             features = model.backbone(images.tensor)
             features = [features[f] for f in model.head_in_features]
             instances = model.forward_inference(images, features, model.head(features))[0]
-    return {name: value.tensor if isinstance(value, Boxes) else value for name, value in instances.get_fields().items()}
+    return {
+        name: value.tensor if isinstance(value, Boxes) else value
+        for name, value in instances.get_fields().items()
+    }
 
 
-def onnx_bytes(traceable: nn.Module, args: Sequence[Tensor], *, opset: int = STABLE_ONNX_OPSET_VERSION, dynamo: bool = False) -> bytes:
+def onnx_bytes(
+    traceable: nn.Module,
+    args: Sequence[Tensor],
+    *,
+    opset: int = STABLE_ONNX_OPSET_VERSION,
+    dynamo: bool = False,
+) -> bytes:
     """The ONNX model of traceable(*args), from the TorchScript-based exporter (dynamo=False, what
     Detectron2 uses, at its opset 11 by default) or the dynamo one (torch.export based)."""
     if dynamo:
-        return torch.onnx.export(traceable, tuple(args), dynamo=True, opset_version=opset).model_proto.SerializeToString()
+        return torch.onnx.export(
+            traceable, tuple(args), dynamo=True, opset_version=opset
+        ).model_proto.SerializeToString()
     buffer = io.BytesIO()
     torch.onnx.export(traceable, tuple(args), buffer, opset_version=opset, dynamo=False)
     return buffer.getvalue()
@@ -130,11 +146,15 @@ def run_onnx(model: bytes, args: Sequence[Tensor]) -> List[Tensor]:
 def max_difference(expected: Sequence[Tensor], actual: Sequence[Tensor]) -> float:
     """The largest absolute difference between two lists of outputs, which must match in count and shapes."""
     if len(expected) != len(actual):
-        raise ValueError(f"the exported model gives {len(actual)} outputs, the eager one {len(expected)}")
+        raise ValueError(
+            f"the exported model gives {len(actual)} outputs, the eager one {len(expected)}"
+        )
     worst = 0.0
     for index, (e, a) in enumerate(zip(expected, actual)):
         if tuple(e.shape) != tuple(a.shape):
-            raise ValueError(f"output {index}: the exported model gives shape {tuple(a.shape)}, the eager one {tuple(e.shape)}")
+            raise ValueError(
+                f"output {index}: the exported model gives shape {tuple(a.shape)}, the eager one {tuple(e.shape)}"
+            )
         if e.numel():
             worst = max(worst, (e.double() - a.double()).abs().max().item())
     return worst

@@ -73,7 +73,9 @@ def requires_dist(wheel):
     with zipfile.ZipFile(wheel) as zf:
         (metadata,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
         lines = zf.read(metadata).decode().splitlines()
-    return [Requirement(line.split(":", 1)[1]) for line in lines if line.startswith("Requires-Dist:")]
+    return [
+        Requirement(line.split(":", 1)[1]) for line in lines if line.startswith("Requires-Dist:")
+    ]
 
 
 def applies(requirement, extras, env):
@@ -141,7 +143,15 @@ def resolve(roots, python_version, find_links, work):
 def source_only(roots, work):
     """Distributions that pip resolves to a source archive for this Python: name -> version."""
     report = work / "report-source.json"
-    pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", report, *map(str, roots))
+    pip(
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--report",
+        report,
+        *map(str, roots),
+    )
     return {
         item["metadata"]["name"]: item["metadata"]["version"]
         for item in json.loads(report.read_text())["install"]
@@ -153,7 +163,14 @@ def build_pure_wheels(distributions, wheel_dir):
     """Builds each source-only distribution into a wheel; refuses those that are not pure Python."""
     if not distributions:
         return
-    pip("wheel", "--quiet", "--no-deps", "-w", wheel_dir, *(f"{n}=={v}" for n, v in distributions.items()))
+    pip(
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "-w",
+        wheel_dir,
+        *(f"{n}=={v}" for n, v in distributions.items()),
+    )
     binary = [w.name for w in wheel_dir.glob("*.whl") if not w.name.endswith("-none-any.whl")]
     if binary:
         raise SystemExit(
@@ -170,7 +187,9 @@ def main(argv=None):
         default=platform.python_version_tuple()[0] + "." + platform.python_version_tuple()[1],
         help="target CPython version, e.g. 3.12 (default: the Python running this script)",
     )
-    parser.add_argument("--output", type=Path, required=True, help="folder for the wheels (new or empty)")
+    parser.add_argument(
+        "--output", type=Path, required=True, help="folder for the wheels (new or empty)"
+    )
     parser.add_argument(
         "--exclude",
         nargs="*",
@@ -189,13 +208,17 @@ def main(argv=None):
         # Built from a copy of what setup.py packages: setuptools reuses an existing build/ folder,
         # so modules deleted from the checkout since the last build would end up in the wheel.
         source = work / "source"
-        shutil.copytree(REPO / "acm_d2", source / "acm_d2", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / "acm_d2", source / "acm_d2", ignore=shutil.ignore_patterns("__pycache__")
+        )
         shutil.copy2(REPO / "setup.py", source)
         own = work / "own"
         pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", own, source)
         run("bash", REPO / "scripts" / "install_detectron2.sh", "--wheel-only", own, sys.executable)
         roots = [r for wheel in own.glob("*.whl") for r in requires_dist(wheel)]
-        roots = [r for r in roots if applies(r, (), env) and canonicalize_name(r.name) not in exclude]
+        roots = [
+            r for r in roots if applies(r, (), env) and canonicalize_name(r.name) not in exclude
+        ]
 
         built = work / "built"
         built.mkdir()

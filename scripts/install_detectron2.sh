@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs detectron2 into the given Python only when `import detectron2` fails.
 # PyPI has no official detectron2; the fallback is the pinned sal-detectron2==0.7.2 wheel
-# (upstream facebookresearch/detectron2 a59f0563 plus a Python 3.11 fix, see README), checked by sha256
+# (upstream facebookresearch/detectron2 a59f0563 plus a Python 3.11 fix, see docs/install.md), checked by sha256
 # and repacked as a pure-Python wheel: its compiled _C is for CPython 3.10 only and its stray
 # top-level `tools` package would shadow ours. Without _C, torchvision supplies NMS and ROIAlign.
 # Its metadata pins numpy<2, which the code does not need (it runs with numpy 2) and which would make

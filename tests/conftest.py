@@ -1,4 +1,5 @@
 """Fixtures and helpers shared by the test files (they import them from here, never from each other)."""
+
 import os
 import subprocess
 import sys
@@ -26,17 +27,28 @@ def small_cfg(config_file: str, *opts):
     cfg.merge_from_file(os.path.join(CONFIGS, config_file))
     cfg.merge_from_list(
         [
-            "MODEL.WEIGHTS", "",
-            "MODEL.DEVICE", "cpu",
-            "INPUT.MIN_SIZE_TRAIN", (96,),
-            "INPUT.MAX_SIZE_TRAIN", 128,
-            "INPUT.MIN_SIZE_TEST", 96,
-            "INPUT.MAX_SIZE_TEST", 128,
-            "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50,
-            "MODEL.RPN.PRE_NMS_TOPK_TEST", 200,
-            "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.MIN_SIZE_TRAIN",
+            (96,),
+            "INPUT.MAX_SIZE_TRAIN",
+            128,
+            "INPUT.MIN_SIZE_TEST",
+            96,
+            "INPUT.MAX_SIZE_TEST",
+            128,
+            "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+            200,
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            50,
+            "MODEL.RPN.PRE_NMS_TOPK_TEST",
+            200,
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            50,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            32,
             *opts,
         ]
     )
@@ -59,7 +71,15 @@ def training_batch(num_images=2, size=96, seed=0):
         instances.gt_masks = BitMasks(mask)
         image = torch.randint(0, 255, (3, size, size), generator=g).float()
         sem_seg = mask[0].long()
-        batch.append({"image": image, "instances": instances, "sem_seg": sem_seg, "height": size, "width": size})
+        batch.append(
+            {
+                "image": image,
+                "instances": instances,
+                "sem_seg": sem_seg,
+                "height": size,
+                "width": size,
+            }
+        )
     return batch
 
 
@@ -72,19 +92,58 @@ def tiny_dataset(tmp_path_factory):
 
 # tools/train_net.py as a user runs it, in a subprocess
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
-CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml")
+CONFIG = os.path.join(
+    REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml"
+)
 # ACM R-18 FPN at 96 px: the shipped config's code path, small enough for 2 CPU cores. From random
 # weights the frozen-BN trunk diverges in a few steps (with or without ACM): GroupNorm trains.
 SMALL = [
-    "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN",
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "2",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "SEED", "1",
-    "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
+    "MODEL.WEIGHTS",
+    "",
+    "MODEL.RESNETS.NORM",
+    "GN",
+    "MODEL.FPN.NORM",
+    "GN",
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.FPN.OUT_CHANNELS",
+    "64",
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    "2",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "100",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "100",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "64",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "96",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "96",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.BASE_LR",
+    "0.005",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "0",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "TEST.EVAL_PERIOD",
+    "0",
+    "SEED",
+    "1",
+    "DATASETS.TRAIN",
+    "('tiny_train',)",
+    "DATASETS.TEST",
+    "('tiny_val',)",
 ]
 
 
@@ -93,7 +152,16 @@ def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
     datasets = []
     for split, (json_file, image_root) in tiny_dataset.items():
         datasets += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
-    cmd = [sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", str(num_gpus), *datasets, *args]
+    cmd = [
+        sys.executable,
+        TRAIN_NET,
+        "--config-file",
+        CONFIG,
+        "--num-gpus",
+        str(num_gpus),
+        *datasets,
+        *args,
+    ]
     cmd += [*SMALL, "OUTPUT_DIR", str(output_dir), *opts]
     env = dict(os.environ, OMP_NUM_THREADS="1" if num_gpus > 1 else "2")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -102,13 +170,26 @@ def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
 
 
 # the Trainer in-process
-LOSS_TERMS = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc", "loss_acm_orth")
+LOSS_TERMS = (
+    "loss_cls",
+    "loss_box_reg",
+    "loss_mask",
+    "loss_rpn_cls",
+    "loss_rpn_loc",
+    "loss_acm_orth",
+)
 
 
 def trainer_cfg(tiny_dataset, output_dir, *opts):
     for split, (json_file, image_root) in tiny_dataset.items():
         register_coco_dataset(f"tiny_{split}", json_file, image_root)
-    cfg = small_cfg("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml", *SMALL, "OUTPUT_DIR", str(output_dir), *opts)
+    cfg = small_cfg(
+        "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
+        *SMALL,
+        "OUTPUT_DIR",
+        str(output_dir),
+        *opts,
+    )
     return cfg
 
 
@@ -127,7 +208,9 @@ def train(cfg, resume=False, interrupt_at=None):
             if interrupt_at is not None and self.trainer.iter + 1 == interrupt_at:
                 raise Interrupt()  # as if killed after this step: whatever came after the last checkpoint is lost
             hist = self.trainer.storage.histories()
-            losses[self.trainer.iter] = {k: hist[k].latest() for k in LOSS_TERMS + ("total_loss", "lr")}
+            losses[self.trainer.iter] = {
+                k: hist[k].latest() for k in LOSS_TERMS + ("total_loss", "lr")
+            }
 
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)

@@ -18,10 +18,22 @@ def acm_modules(module):
     [
         (ACM_R50, ["res2", "res3", "res4", "res5"], 16),
         (ACM_R50, ["res3", "res4", "res5"], 13),
-        ("COCO-InstanceSegmentation/mask_rcnn_acm_R_101_FPN_1x.yaml", ["res2", "res3", "res4", "res5"], 33),
+        (
+            "COCO-InstanceSegmentation/mask_rcnn_acm_R_101_FPN_1x.yaml",
+            ["res2", "res3", "res4", "res5"],
+            33,
+        ),
         ("COCO-InstanceSegmentation/mask_rcnn_acm_R_101_FPN_1x.yaml", ["res3", "res4", "res5"], 30),
-        ("COCO-InstanceSegmentation/mask_rcnn_acm_X_101_32x8d_FPN_1x.yaml", ["res2", "res3", "res4", "res5"], 33),
-        ("COCO-InstanceSegmentation/mask_rcnn_acm_X_101_32x8d_FPN_1x.yaml", ["res3", "res4", "res5"], 30),
+        (
+            "COCO-InstanceSegmentation/mask_rcnn_acm_X_101_32x8d_FPN_1x.yaml",
+            ["res2", "res3", "res4", "res5"],
+            33,
+        ),
+        (
+            "COCO-InstanceSegmentation/mask_rcnn_acm_X_101_32x8d_FPN_1x.yaml",
+            ["res3", "res4", "res5"],
+            30,
+        ),
     ],
 )
 def test_module_count_per_placement(config, stages, expected):
@@ -69,7 +81,9 @@ def test_context_module_none_builds_the_plain_resnet_with_detectron2_names():
     plain = build_backbone(small_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
     ours = build_backbone(small_cfg(ACM_R50, "MODEL.CONTEXT_MODULE", "none"))
     assert not acm_modules(ours)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
 
 
 def test_baseline_checkpoint_loads_with_only_acm_keys_missing(tmp_path):
@@ -116,7 +130,13 @@ def test_retinanet_backbone_has_p3_to_p7():
 
     from acm_d2.modeling import build_acm_retinanet_resnet_fpn_backbone
 
-    cfg = small_cfg(ACM_R50, "MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"], "MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"])
+    cfg = small_cfg(
+        ACM_R50,
+        "MODEL.RESNETS.OUT_FEATURES",
+        ["res3", "res4", "res5"],
+        "MODEL.FPN.IN_FEATURES",
+        ["res3", "res4", "res5"],
+    )
     backbone = build_acm_retinanet_resnet_fpn_backbone(cfg, ShapeSpec(channels=3))
     assert sorted(backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
     assert len(acm_modules(backbone)) == 16
@@ -153,9 +173,13 @@ def test_backbone_from_plain_pytorch_with_its_orthogonal_loss():
     cfg.merge_from_file(f"{CONFIGS}/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml")
     cfg.MODEL.WEIGHTS = ""  # or a checkpoint, loaded with DetectionCheckpointer(backbone)
     backbone = build_backbone(cfg).train()
-    orth = OrthogonalLoss(backbone, weight=cfg.MODEL.ACM.ORTH_LOSS_WEIGHT, mode=cfg.MODEL.ACM.ORTH_LOSS_MODE)
+    orth = OrthogonalLoss(
+        backbone, weight=cfg.MODEL.ACM.ORTH_LOSS_WEIGHT, mode=cfg.MODEL.ACM.ORTH_LOSS_MODE
+    )
 
-    images = torch.randn(2, 3, 64, 64)  # normalised: (BGR 0-255 - cfg.MODEL.PIXEL_MEAN) / cfg.MODEL.PIXEL_STD
+    images = torch.randn(
+        2, 3, 64, 64
+    )  # normalised: (BGR 0-255 - cfg.MODEL.PIXEL_MEAN) / cfg.MODEL.PIXEL_STD
     features = backbone(images)
     loss = sum(f.mean() for f in features.values()) + orth()["loss_acm_orth"]
     loss.backward()

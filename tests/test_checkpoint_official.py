@@ -29,7 +29,9 @@ class AuthorsStyleACM(nn.Module):
         self.sub_mod.map_gen = nn.Sequential(nn.Conv2d(channels, groups, 1, groups=groups))
         self.mul_mod = nn.Module()
         self.mul_mod.feature_gen = nn.Sequential(
-            nn.Conv2d(channels, channels // 2, 1, groups=groups), nn.ReLU(), nn.Conv2d(channels // 2, channels, 1, groups=groups)
+            nn.Conv2d(channels, channels // 2, 1, groups=groups),
+            nn.ReLU(),
+            nn.Conv2d(channels // 2, channels, 1, groups=groups),
         )
 
     def pool(self, xm, map_gen):
@@ -41,7 +43,9 @@ class AuthorsStyleACM(nn.Module):
         mu = x.mean((2, 3), keepdim=True)
         xm = x - mu
         k, q = self.pool(xm, self.add_mod.map_gen), self.pool(xm, self.sub_mod.map_gen)
-        return torch.sigmoid(self.mul_mod.feature_gen(mu)) * (x + k - q), (k * q).sum((1, 2, 3)) / x.shape[1]
+        return torch.sigmoid(self.mul_mod.feature_gen(mu)) * (x + k - q), (k * q).sum(
+            (1, 2, 3)
+        ) / x.shape[1]
 
 
 def to_official_layout(state_dict):
@@ -75,7 +79,10 @@ def test_converter_round_trip_loads_with_no_missing_or_unexpected_keys(tmp_path)
     official = to_official_layout(source.state_dict())
     assert any(".module.add_mod.map_gen.0.weight" in k for k in official)
     torch.save({"model": official, "iteration": 89999}, tmp_path / "official.pth")
-    subprocess.run([sys.executable, CONVERT, str(tmp_path / "official.pth"), str(tmp_path / "ours.pth")], check=True)
+    subprocess.run(
+        [sys.executable, CONVERT, str(tmp_path / "official.pth"), str(tmp_path / "ours.pth")],
+        check=True,
+    )
 
     torch.manual_seed(1)
     target = build_model(small_cfg(OFFICIAL)).eval()
@@ -87,7 +94,9 @@ def test_converter_round_trip_loads_with_no_missing_or_unexpected_keys(tmp_path)
 
     checkpointer = RecordingCheckpointer(target)
     extra = checkpointer.load(str(tmp_path / "ours.pth"))
-    assert not checkpointer.incompatible.missing_keys and not checkpointer.incompatible.unexpected_keys
+    assert (
+        not checkpointer.incompatible.missing_keys and not checkpointer.incompatible.unexpected_keys
+    )
     assert "iteration" not in extra
     image = {"image": torch.rand(3, 96, 96) * 255, "height": 96, "width": 96}
     x = torch.randn(1, 3, 64, 64)
@@ -98,17 +107,29 @@ def test_converter_round_trip_loads_with_no_missing_or_unexpected_keys(tmp_path)
 
 
 def test_converter_rejects_a_checkpoint_without_acm_keys(tmp_path):
-    torch.save({"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)}}, tmp_path / "plain.pth")
-    result = subprocess.run([sys.executable, CONVERT, str(tmp_path / "plain.pth"), str(tmp_path / "out.pth")], capture_output=True, text=True)
+    torch.save(
+        {"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)}}, tmp_path / "plain.pth"
+    )
+    result = subprocess.run(
+        [sys.executable, CONVERT, str(tmp_path / "plain.pth"), str(tmp_path / "out.pth")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "no ACM key" in result.stderr
     assert not (tmp_path / "out.pth").exists()
 
 
 def test_converter_reports_a_truncated_file(tmp_path):
-    torch.save({"model": {"x.module.add_mod.map_gen.0.weight": torch.zeros(100)}}, tmp_path / "full.pth")
+    torch.save(
+        {"model": {"x.module.add_mod.map_gen.0.weight": torch.zeros(100)}}, tmp_path / "full.pth"
+    )
     data = (tmp_path / "full.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    result = subprocess.run([sys.executable, CONVERT, str(tmp_path / "cut.pth"), str(tmp_path / "out.pth")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, CONVERT, str(tmp_path / "cut.pth"), str(tmp_path / "out.pth")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "cannot read" in result.stderr and "cut.pth" in result.stderr
 
 

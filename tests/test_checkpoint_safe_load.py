@@ -1,6 +1,7 @@
 """Reading checkpoints never runs code from them (acm_d2/checkpoint/safe_load.py), for every reader: the
 checkpointer (train_net, --eval-only, the attention tool) and the converters; files are written with the
 user's permissions; converters never overwrite their input."""
+
 import argparse
 import os
 import pickle
@@ -14,11 +15,14 @@ import torch
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
 from acm_d2.checkpoint.files import read_state_dict
-from acm_d2.utils.files import atomic_write
 from acm_d2.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, load_checkpoint
+from acm_d2.utils.files import atomic_write
 from conftest import REPO
 
-CONVERTERS = [os.path.join(REPO, "tools", t) for t in ("convert_official_acm.py", "convert_torchvision_weights.py")]
+CONVERTERS = [
+    os.path.join(REPO, "tools", t)
+    for t in ("convert_official_acm.py", "convert_torchvision_weights.py")
+]
 
 
 class RunsCode:
@@ -46,11 +50,15 @@ def model():
     return torch.nn.Sequential(torch.nn.Linear(2, 2))
 
 
-def test_checkpointer_refuses_code_in_pkl_and_pth_naming_file_and_class(tmp_path, model, monkeypatch):
+def test_checkpointer_refuses_code_in_pkl_and_pth_naming_file_and_class(
+    tmp_path, model, monkeypatch
+):
     monkeypatch.delenv(TRUST_ENV, raising=False)
     marker, files = malicious_files(tmp_path)
     for path in files:
-        with pytest.raises(UntrustedCheckpointError, match=rf"{path.name}.*(posix|os)\.system.*{TRUST_ENV}=1"):
+        with pytest.raises(
+            UntrustedCheckpointError, match=rf"{path.name}.*(posix|os)\.system.*{TRUST_ENV}=1"
+        ):
             AtomicCheckpointer(model).load(str(path))
     assert not marker.exists()
 
@@ -60,8 +68,15 @@ def test_converters_refuse_code_in_their_input(tmp_path, tool):
     marker, files = malicious_files(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != TRUST_ENV}
     for path in files:
-        result = subprocess.run([sys.executable, tool, str(path), str(tmp_path / "out.pkl")], capture_output=True, text=True, env=env)
-        assert result.returncode != 0 and "refusing to read checkpoint" in result.stderr, result.stderr[-2000:]
+        result = subprocess.run(
+            [sys.executable, tool, str(path), str(tmp_path / "out.pkl")],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert result.returncode != 0 and "refusing to read checkpoint" in result.stderr, (
+            result.stderr[-2000:]
+        )
         assert path.name in result.stderr and "system" in result.stderr
     assert not marker.exists() and not (tmp_path / "out.pkl").exists()
 
@@ -85,12 +100,26 @@ def test_model_zoo_pkl_of_numpy_arrays_still_loads(tmp_path, model, protocol):
     import collections
 
     weight = np.arange(4, dtype=np.float32).reshape(2, 2)
-    d2 = {"model": collections.OrderedDict({"0.weight": weight, "0.bias": np.array([1, 2], np.float32)}),
-          "__author__": "Detectron2 Model Zoo", "scale": np.float32(2.0)}
+    d2 = {
+        "model": collections.OrderedDict(
+            {"0.weight": weight, "0.bias": np.array([1, 2], np.float32)}
+        ),
+        "__author__": "Detectron2 Model Zoo",
+        "scale": np.float32(2.0),
+    }
     (tmp_path / "d2.pkl").write_bytes(pickle.dumps(d2, protocol=protocol))
     AtomicCheckpointer(model).load(str(tmp_path / "d2.pkl"))
-    assert torch.equal(model[0].weight, torch.from_numpy(weight)) and model[0].bias.tolist() == [1, 2]
-    caffe2 = {"blobs": {"0.weight": -weight, "0.bias": np.zeros(2, np.float32), "0.weight_momentum": weight}}
+    assert torch.equal(model[0].weight, torch.from_numpy(weight)) and model[0].bias.tolist() == [
+        1,
+        2,
+    ]
+    caffe2 = {
+        "blobs": {
+            "0.weight": -weight,
+            "0.bias": np.zeros(2, np.float32),
+            "0.weight_momentum": weight,
+        }
+    }
     (tmp_path / "c2.pkl").write_bytes(pickle.dumps(caffe2, protocol=protocol))
     assert read_state_dict(str(tmp_path / "c2.pkl"))["blobs"]["0.weight"][0, 1] == -1
 
@@ -103,14 +132,22 @@ def test_trainer_checkpoint_needs_nothing_but_weights(tiny_dataset, tmp_path):
 
     train(trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 1, "DATASETS.TEST", ()))
     data = load_checkpoint(str(tmp_path / "model_final.pth"), trusted=False)
-    assert set(data) == {"model", "trainer", "iteration"} and "optimizer" in data["trainer"]["_trainer"]
+    assert (
+        set(data) == {"model", "trainer", "iteration"}
+        and "optimizer" in data["trainer"]["_trainer"]
+    )
     assert set(data["trainer"]["hooks"]) == {"ExactResumeHook", "LRScheduler"}
     assert data["trainer"]["hooks"]["ExactResumeHook"]["history"]["loss_cls"]["values"]
     # AMPTrainer needs CUDA to step: save the state of one with a CPU grad scaler.
     amp = Trainer(trainer_cfg(tiny_dataset, tmp_path / "amp", "SOLVER.AMP.ENABLED", True))
     amp._trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     amp.checkpointer.save("model_amp")
-    assert load_checkpoint(str(tmp_path / "amp" / "model_amp.pth"), trusted=False)["trainer"]["_trainer"]["grad_scaler"]["scale"] == 8.0
+    assert (
+        load_checkpoint(str(tmp_path / "amp" / "model_amp.pth"), trusted=False)["trainer"][
+            "_trainer"
+        ]["grad_scaler"]["scale"]
+        == 8.0
+    )
 
 
 def test_atomic_write_uses_the_umask_not_0600(tmp_path):
@@ -128,13 +165,27 @@ def test_atomic_write_uses_the_umask_not_0600(tmp_path):
 @pytest.mark.parametrize("tool", CONVERTERS)
 def test_converters_never_overwrite_their_input_and_name_a_missing_output_folder(tmp_path, tool):
     source = tmp_path / "in.pkl"
-    source.write_bytes(pickle.dumps({"model": {"conv1.weight": np.zeros((1, 3, 1, 1), np.float32)}}))
+    source.write_bytes(
+        pickle.dumps({"model": {"conv1.weight": np.zeros((1, 3, 1, 1), np.float32)}})
+    )
     (tmp_path / "hard.pkl").hardlink_to(source)
     (tmp_path / "soft.pkl").symlink_to(source)
     before = source.read_bytes()
     for output in (source, tmp_path / "hard.pkl", tmp_path / "soft.pkl", tmp_path / "." / "in.pkl"):
-        result = subprocess.run([sys.executable, tool, str(source), str(output)], capture_output=True, text=True)
-        assert result.returncode != 0 and "is the input file" in result.stderr, (output, result.stderr[-2000:])
+        result = subprocess.run(
+            [sys.executable, tool, str(source), str(output)], capture_output=True, text=True
+        )
+        assert result.returncode != 0 and "is the input file" in result.stderr, (
+            output,
+            result.stderr[-2000:],
+        )
     assert source.read_bytes() == before
-    result = subprocess.run([sys.executable, tool, str(source), str(tmp_path / "nope" / "out.pkl")], capture_output=True, text=True)
-    assert result.returncode != 0 and f"output folder {str(tmp_path / 'nope')!r} does not exist" in result.stderr, result.stderr
+    result = subprocess.run(
+        [sys.executable, tool, str(source), str(tmp_path / "nope" / "out.pkl")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        result.returncode != 0
+        and f"output folder {str(tmp_path / 'nope')!r} does not exist" in result.stderr
+    ), result.stderr

@@ -1,5 +1,6 @@
 """acm_d2.compat holds every private Detectron2/fvcore internal acm_d2 uses; these fail, naming the
 internal, when an upgrade moves one or when new code reaches past compat.py."""
+
 import pathlib
 import re
 
@@ -26,4 +27,9 @@ def test_no_private_detectron2_access_outside_compat():
         if PRIVATE.search(line)
     ]
     assert offending == []
-    assert {name for _, name, _ in compat.OVERRIDDEN} == {"_load_file", "_torch_load", "_load_model", "_write_metrics"}
+    assert {name for _, name, _ in compat.OVERRIDDEN} == {
+        "_load_file",
+        "_torch_load",
+        "_load_model",
+        "_write_metrics",
+    }

@@ -1,4 +1,5 @@
 """torch.compile of an ACM backbone, and mixed-precision training steps (CPU autocast here; AMPTrainer on CUDA)."""
+
 import pytest
 import torch
 from detectron2.modeling import build_backbone, build_model
@@ -6,9 +7,17 @@ from detectron2.utils.events import EventStorage
 
 from conftest import small_cfg, training_batch
 
-ACM_R18 = ("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
-           "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-           "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN")
+ACM_R18 = (
+    "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.RESNETS.NORM",
+    "GN",
+    "MODEL.FPN.NORM",
+    "GN",
+)
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
@@ -24,7 +33,9 @@ def test_compiled_backbone_is_one_graph_without_breaks(impl):
 
 
 # float16 convolutions are slow on the CPU (a minute here): that case runs with the slow tests.
-@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)]
+)
 def test_mixed_precision_training_step_is_finite_and_close_to_fp32(dtype):
     torch.manual_seed(0)
     model = build_model(small_cfg(*ACM_R18)).train()
@@ -37,7 +48,9 @@ def test_mixed_precision_training_step_is_finite_and_close_to_fp32(dtype):
             mixed = model(batch)
     assert all(torch.isfinite(v) for v in mixed.values()), mixed
     # Same sampled proposals (same seed), so the half-precision losses track the float32 ones.
-    torch.testing.assert_close(mixed["loss_acm_orth"].float(), full["loss_acm_orth"], rtol=0.1, atol=1e-4)
+    torch.testing.assert_close(
+        mixed["loss_acm_orth"].float(), full["loss_acm_orth"], rtol=0.1, atol=1e-4
+    )
     sum(mixed.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -46,6 +59,8 @@ def test_amp_precision_key_selects_the_autocast_dtype():
     from acm_d2.config import amp_precision
 
     assert amp_precision(small_cfg(ACM_R18[0])) == torch.float16  # Detectron2's AMPTrainer default
-    assert amp_precision(small_cfg(ACM_R18[0], "SOLVER.AMP.PRECISION", "bfloat16")) == torch.bfloat16
+    assert (
+        amp_precision(small_cfg(ACM_R18[0], "SOLVER.AMP.PRECISION", "bfloat16")) == torch.bfloat16
+    )
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
         amp_precision(small_cfg(ACM_R18[0], "SOLVER.AMP.PRECISION", "fp8"))

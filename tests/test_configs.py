@@ -1,5 +1,6 @@
 """Every shipped yaml config: the paper's matrix is complete, each file builds the model its name says
 (context module, placement, meta-architecture, ablation knob) and trains one step."""
+
 import glob
 import os
 import re
@@ -9,7 +10,13 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import EventStorage
 
-from acm_d2.layers import AttendAndCompare, CrissCrossAttention, GlobalContext, NonLocal2d, SqueezeExcite
+from acm_d2.layers import (
+    AttendAndCompare,
+    CrissCrossAttention,
+    GlobalContext,
+    NonLocal2d,
+    SqueezeExcite,
+)
 from acm_d2.modeling.backbone import NUM_BLOCKS_PER_STAGE
 from acm_d2.modeling.meta_arch import OrthogonalLoss
 from conftest import CONFIGS, small_cfg, training_batch
@@ -51,7 +58,13 @@ NAME = re.compile(
     r"^(?P<model>mask_rcnn|faster_rcnn|retinanet|cascade_mask_rcnn|panoptic_fpn)_(?:(?P<module>acm|se|gc|nl|cc)_)?"
     r"(?P<backbone>R_50|R_101|X_101_32x8d)(?:_(?:FPN|C4))?_1x(?:_(?P<suffix>\w+))?$"
 )
-MODULE_TYPES = {"acm": AttendAndCompare, "se": SqueezeExcite, "gc": GlobalContext, "nl": NonLocal2d, "cc": CrissCrossAttention}
+MODULE_TYPES = {
+    "acm": AttendAndCompare,
+    "se": SqueezeExcite,
+    "gc": GlobalContext,
+    "nl": NonLocal2d,
+    "cc": CrissCrossAttention,
+}
 STAGES = ("res2", "res3", "res4", "res5")
 BLOCK = re.compile(r"(?:^|\.)(res[2-5])\.(\d+)\.context$")
 
@@ -101,10 +114,16 @@ def test_every_shipped_config_name_is_parsed():
 def test_coco_configs_use_the_1x_schedule(config):
     cfg = small_cfg(config)
     base_lr = 0.01 if "retinanet" in config else 0.02  # Detectron2's RetinaNet LR
-    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, base_lr, 90000)
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (
+        16,
+        base_lr,
+        90000,
+    )
     assert tuple(cfg.SOLVER.STEPS) == (60000, 80000)
     suffix = "_panoptic_separated" if "panoptic" in config else ""
-    assert cfg.DATASETS.TRAIN == (f"coco_2017_train{suffix}",) and cfg.DATASETS.TEST == (f"coco_2017_val{suffix}",)
+    assert cfg.DATASETS.TRAIN == (f"coco_2017_train{suffix}",) and cfg.DATASETS.TEST == (
+        f"coco_2017_val{suffix}",
+    )
 
 
 def parse(config):
@@ -123,7 +142,9 @@ def build_structure(cfg):
 def test_every_shipped_config_builds_what_its_name_says(config):
     module, backbone, suffix = parse(config)
     model = build_structure(small_cfg(config))
-    assert placement(model) == ({module: expected_placement(module, backbone, suffix)} if module else {})
+    assert placement(model) == (
+        {module: expected_placement(module, backbone, suffix)} if module else {}
+    )
     # ACM configs use an ACM<Base> meta-architecture (with the orthogonal loss); the others a plain one.
     assert isinstance(getattr(model, "orth_loss", None), OrthogonalLoss) == (module == "acm")
     acms = [m for m in model.modules() if isinstance(m, AttendAndCompare)]
@@ -165,7 +186,15 @@ def test_representative_configs_train_one_step(config):
 
 def test_impossible_group_count_is_a_clear_error():
     # G = 128 fits R-50 (res2: 256 channels, P's hidden width 128); R-18's res2 has 64 channels.
-    cfg = small_cfg("ablations/mask_rcnn_acm_R_50_FPN_1x_groups_128.yaml",
-                    "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
-    with pytest.raises(ValueError, match=r"res2 block 0 \(64 channels\).*MODEL.ACM.*divisible by num_groups \(128\)"):
+    cfg = small_cfg(
+        "ablations/mask_rcnn_acm_R_50_FPN_1x_groups_128.yaml",
+        "MODEL.RESNETS.DEPTH",
+        18,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        64,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"res2 block 0 \(64 channels\).*MODEL.ACM.*divisible by num_groups \(128\)",
+    ):
         build_model(cfg)

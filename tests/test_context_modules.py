@@ -1,4 +1,5 @@
 """Choosing a context module with one key: placement, counts, identity at start, config validation."""
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -6,7 +7,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 import acm_d2
-from acm_d2.layers import AttendAndCompare, CrissCrossAttention, GlobalContext, NonLocal2d, SqueezeExcite
+from acm_d2.layers import (
+    AttendAndCompare,
+    CrissCrossAttention,
+    GlobalContext,
+    NonLocal2d,
+    SqueezeExcite,
+)
 from acm_d2.modeling import is_block_selected
 
 
@@ -50,12 +57,17 @@ def _contexts(backbone):
     ],
 )
 def test_is_block_selected(stages, blocks, stage, block_index, expected):
-    assert is_block_selected("MODEL.NL", stages, blocks, stage, block_index, num_blocks=6) is expected
+    assert (
+        is_block_selected("MODEL.NL", stages, blocks, stage, block_index, num_blocks=6) is expected
+    )
 
 
 @pytest.mark.parametrize("blocks", [[6], [-7], [0, 9]])
 def test_block_index_out_of_range_names_the_key_and_range(blocks):
-    with pytest.raises(ValueError, match=r"cfg\.MODEL\.NL\.BLOCKS = .* res4, which has 6 blocks; allowed: indices from -6 to 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"cfg\.MODEL\.NL\.BLOCKS = .* res4, which has 6 blocks; allowed: indices from -6 to 5",
+    ):
         is_block_selected("MODEL.NL", ["res4"], blocks, "res4", 0, num_blocks=6)
 
 
@@ -63,11 +75,23 @@ def test_block_index_out_of_range_names_the_key_and_range(blocks):
 
 R50_PLACEMENTS = {
     # module: (layer class, number of modules, the blocks that hold them)
-    "SE": (SqueezeExcite, 16, [f"res{s}.{i}" for s, n in zip((2, 3, 4, 5), (3, 4, 6, 3)) for i in range(n)]),
-    "GC": (GlobalContext, 13, [f"res{s}.{i}" for s, n in zip((3, 4, 5), (4, 6, 3)) for i in range(n)]),
+    "SE": (
+        SqueezeExcite,
+        16,
+        [f"res{s}.{i}" for s, n in zip((2, 3, 4, 5), (3, 4, 6, 3)) for i in range(n)],
+    ),
+    "GC": (
+        GlobalContext,
+        13,
+        [f"res{s}.{i}" for s, n in zip((3, 4, 5), (4, 6, 3)) for i in range(n)],
+    ),
     "NL": (NonLocal2d, 1, ["res4.4"]),  # the block before the last of res4's 6
     "CC": (CrissCrossAttention, 1, ["res4.5"]),
-    "ACM": (AttendAndCompare, 16, [f"res{s}.{i}" for s, n in zip((2, 3, 4, 5), (3, 4, 6, 3)) for i in range(n)]),
+    "ACM": (
+        AttendAndCompare,
+        16,
+        [f"res{s}.{i}" for s, n in zip((2, 3, 4, 5), (3, 4, 6, 3)) for i in range(n)],
+    ),
 }
 
 
@@ -90,8 +114,13 @@ def test_empty_blocks_select_every_block_of_the_stages():
 
 
 def test_peer_options_reach_the_layers():
-    cc = _contexts(build_backbone(_cfg("CC", RECURRENCE=3, REDUCTION=4, STAGES=["res5"], BLOCKS=[0])))
-    assert list(cc) == ["res5.0"] and (cc["res5.0"].recurrence, cc["res5.0"].query.out_channels) == (3, 512)
+    cc = _contexts(
+        build_backbone(_cfg("CC", RECURRENCE=3, REDUCTION=4, STAGES=["res5"], BLOCKS=[0]))
+    )
+    assert list(cc) == ["res5.0"] and (
+        cc["res5.0"].recurrence,
+        cc["res5.0"].query.out_channels,
+    ) == (3, 512)
     gc = _contexts(build_backbone(_cfg("GC", RATIO=0.25, STAGES=["res3"], BLOCKS=[-1])))
     assert list(gc) == ["res3.3"] and gc["res3.3"].transform[0].out_channels == 128
     se = _contexts(build_backbone(_cfg("SE", REDUCTION=4, STAGES=["res2"])))
@@ -134,14 +163,34 @@ def test_identity_initialised_peers_leave_a_plain_backbone_unchanged(module):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("SE.REDUCTION", 0, r"cfg\.MODEL\.SE\.REDUCTION = 0 is invalid; allowed: a positive integer"),
-        ("SE.STAGES", ["res6"], r"cfg\.MODEL\.SE\.STAGES = \['res6'\] is invalid; allowed: distinct names among"),
+        (
+            "SE.REDUCTION",
+            0,
+            r"cfg\.MODEL\.SE\.REDUCTION = 0 is invalid; allowed: a positive integer",
+        ),
+        (
+            "SE.STAGES",
+            ["res6"],
+            r"cfg\.MODEL\.SE\.STAGES = \['res6'\] is invalid; allowed: distinct names among",
+        ),
         ("GC.STAGES", ["res3", "res3"], r"cfg\.MODEL\.GC\.STAGES = \['res3', 'res3'\] is invalid"),
-        ("GC.RATIO", 0.0, r"cfg\.MODEL\.GC\.RATIO = 0\.0 is invalid; allowed: a number in \(0, 1\]"),
+        (
+            "GC.RATIO",
+            0.0,
+            r"cfg\.MODEL\.GC\.RATIO = 0\.0 is invalid; allowed: a number in \(0, 1\]",
+        ),
         ("GC.RATIO", 2, r"cfg\.MODEL\.GC\.RATIO = 2 is invalid"),
-        ("NL.BLOCKS", ["last"], r"cfg\.MODEL\.NL\.BLOCKS = \['last'\] is invalid; allowed: a list of block indices"),
+        (
+            "NL.BLOCKS",
+            ["last"],
+            r"cfg\.MODEL\.NL\.BLOCKS = \['last'\] is invalid; allowed: a list of block indices",
+        ),
         ("CC.BLOCKS", [1.5], r"cfg\.MODEL\.CC\.BLOCKS = \[1\.5\] is invalid"),
-        ("CC.RECURRENCE", 0, r"cfg\.MODEL\.CC\.RECURRENCE = 0 is invalid; allowed: a positive integer"),
+        (
+            "CC.RECURRENCE",
+            0,
+            r"cfg\.MODEL\.CC\.RECURRENCE = 0 is invalid; allowed: a positive integer",
+        ),
         ("CC.REDUCTION", -8, r"cfg\.MODEL\.CC\.REDUCTION = -8 is invalid"),
     ],
 )
@@ -155,13 +204,18 @@ def test_invalid_peer_values_name_key_value_and_allowed(key, value, message):
 
 def test_block_index_out_of_range_for_the_depth_fails_at_build_naming_the_key():
     cfg = _cfg("NL", depth=18, BLOCKS=[-3])  # R-18's res4 has 2 blocks
-    with pytest.raises(ValueError, match=r"cfg\.MODEL\.NL\.BLOCKS = \[-3\] is invalid for res4, which has 2 blocks"):
+    with pytest.raises(
+        ValueError, match=r"cfg\.MODEL\.NL\.BLOCKS = \[-3\] is invalid for res4, which has 2 blocks"
+    ):
         build_backbone(cfg)
 
 
 def test_layer_error_at_build_says_which_block_and_node():
     cfg = _cfg("SE", depth=18, REDUCTION=128)  # res2 of R-18 has 64 channels
-    with pytest.raises(ValueError, match=r"'SE' for res2 block 0 \(64 channels\) from cfg\.MODEL\.SE: SqueezeExcite needs"):
+    with pytest.raises(
+        ValueError,
+        match=r"'SE' for res2 block 0 \(64 channels\) from cfg\.MODEL\.SE: SqueezeExcite needs",
+    ):
         build_backbone(cfg, ShapeSpec(channels=3))
 
 

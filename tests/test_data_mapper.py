@@ -1,6 +1,7 @@
 """acm_d2.data.mapper and the training set-up's data checks: 16-bit images arrive scaled, an unreadable
 image is named, the heads' class counts are checked against the datasets, RLE masks switch the mapper
 to bitmasks, and Mask R-CNN on data without masks is refused up front."""
+
 import json
 import logging
 
@@ -29,7 +30,9 @@ def test_16_bit_png_arrives_scaled_not_saturated(tmp_path):
     cfg = small_cfg(MASK_RCNN)
     out = DatasetMapper(cfg, False)({"file_name": path, "height": 96, "width": 96, "image_id": 1})
     assert out["image"].min() < 5 and out["image"].max() > 250
-    assert (out["image"] == 255).float().mean() < 0.01  # Detectron2's own read: all but the darkest 1/257
+    assert (
+        out["image"] == 255
+    ).float().mean() < 0.01  # Detectron2's own read: all but the darkest 1/257
 
 
 def test_8_bit_images_read_as_detectron2_reads_them(tiny_dataset):
@@ -45,7 +48,9 @@ def test_unreadable_image_mid_run_names_the_file(tmp_path, tiny_dataset):
     path.write_bytes(png[: len(png) // 2])
     mapper = DatasetMapper(small_cfg(MASK_RCNN), True)
     with pytest.raises(OSError, match=f"{path}: cannot read the image .*truncated"):
-        mapper({"file_name": str(path), "height": 96, "width": 96, "image_id": 1, "annotations": []})
+        mapper(
+            {"file_name": str(path), "height": 96, "width": 96, "image_id": 1, "annotations": []}
+        )
 
 
 def num_annotations(tiny_dataset):
@@ -72,10 +77,14 @@ def register(tmp_path, tiny_dataset, change=None, name=None):
         ("COCO-Detection/retinanet_acm_R_50_FPN_1x.yaml", "MODEL.RETINANET.NUM_CLASSES"),
     ],
 )
-def test_fewer_classes_than_categories_is_an_error_at_training_start(tmp_path, tiny_dataset, caplog, config, key):
+def test_fewer_classes_than_categories_is_an_error_at_training_start(
+    tmp_path, tiny_dataset, caplog, config, key
+):
     name, _ = register(tmp_path, tiny_dataset)
     cfg = small_cfg(config, "DATASETS.TRAIN", (name,), key, 1)
-    with pytest.raises(ValueError, match=f"cfg.{key} = 1, but dataset '{name}' has 2 categories .*Set {key} 2"):
+    with pytest.raises(
+        ValueError, match=f"cfg.{key} = 1, but dataset '{name}' has 2 categories .*Set {key} 2"
+    ):
         Trainer.build_train_loader(cfg)
     cfg = small_cfg(config, "DATASETS.TRAIN", (name,), key, 5)
     with caplog.at_level(logging.WARNING, logger="acm_d2"):
@@ -100,8 +109,15 @@ def test_rle_masks_switch_the_mapper_to_bitmasks_and_train(tmp_path, tiny_datase
     from detectron2.utils.events import EventStorage
 
     name, _ = register(tmp_path, tiny_dataset, rle_instead_of_polygon)
-    cfg = small_cfg("Demo/mask_rcnn_acm_R_18_FPN_synthetic.yaml", "DATASETS.TRAIN", (name,),
-                    "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0)
+    cfg = small_cfg(
+        "Demo/mask_rcnn_acm_R_18_FPN_synthetic.yaml",
+        "DATASETS.TRAIN",
+        (name,),
+        "SOLVER.IMS_PER_BATCH",
+        2,
+        "DATALOADER.NUM_WORKERS",
+        0,
+    )
     with caplog.at_level(logging.INFO, logger="acm_d2.data.mapper"):
         loader = Trainer.build_train_loader(cfg)
     assert f"3 of the {num_annotations(tiny_dataset)} training annotations" in caplog.text
@@ -125,4 +141,6 @@ def test_mask_rcnn_on_data_without_masks_is_refused_up_front(tmp_path, tiny_data
     match = f"MODEL.MASK_ON is True, but {total - 1} of the {total} annotations .*{path}.* set MODEL.MASK_ON False"
     with pytest.raises(ValueError, match=match + ".* or add masks"):
         Trainer.build_train_loader(cfg)
-    Trainer.build_train_loader(small_cfg(MASK_RCNN, "DATASETS.TRAIN", (name,), "MODEL.MASK_ON", False))
+    Trainer.build_train_loader(
+        small_cfg(MASK_RCNN, "DATASETS.TRAIN", (name,), "MODEL.MASK_ON", False)
+    )

@@ -1,5 +1,6 @@
 """acm_d2.data.validate: malformed COCO files are errors naming the file and record; unusable records are
 dropped with a logged count and ids, and the training stream then runs through them without a crash."""
+
 import copy
 import json
 import logging
@@ -35,14 +36,22 @@ def _break(coco, how):
     "how, match",
     [
         (lambda c: c.pop("images"), "needs 'images' and 'categories'"),
-        (lambda c: c["annotations"][3].pop("bbox"), r"annotation id 4 lacks the key\(s\) \['bbox'\]"),
-        (lambda c: c["annotations"][2].update(bbox=[1, 2, 3]), r"annotation id 3 has bbox \[1, 2, 3\]"),
+        (
+            lambda c: c["annotations"][3].pop("bbox"),
+            r"annotation id 4 lacks the key\(s\) \['bbox'\]",
+        ),
+        (
+            lambda c: c["annotations"][2].update(bbox=[1, 2, 3]),
+            r"annotation id 3 has bbox \[1, 2, 3\]",
+        ),
         (lambda c: c["annotations"][1].update(category_id=7), "annotation id 2 has category_id 7"),
         (lambda c: c["images"][0].pop("height"), r"image id 1 lacks the key\(s\) \['height'\]"),
         (lambda c: c["images"].append(dict(c["images"][0])), "image id 1 appears more than once"),
     ],
 )
-def test_malformed_coco_file_is_an_error_naming_file_and_record(coco, tmp_path, tiny_dataset, how, match):
+def test_malformed_coco_file_is_an_error_naming_file_and_record(
+    coco, tmp_path, tiny_dataset, how, match
+):
     path = write(tmp_path, _break(coco, how))
     with pytest.raises(ValueError, match=f"bad.json: .*{match}"):
         validate_coco_json(path, tiny_dataset["train"][1])
@@ -83,12 +92,25 @@ def test_recoverable_problems_are_dropped_and_logged(coco, tmp_path, tiny_datase
         dicts = load_validated_coco_json(path, image_root)
     log = caplog.text
     assert "dropped 1 images whose file is missing" in log and "image 101 'gone.png'" in log
-    assert "dropped 2 images under 8 px or with an aspect ratio over 32: image 102 'tiny.png'; image 103" in log
-    assert "dropped 1 annotations with degenerate boxes (w or h <= 0): annotation 1 (image 1 '000001.png')" in log
-    assert "dropped 1 annotations whose polygons are empty" in log and ": annotation 2 (image " in log
-    assert "dropped 1 annotations whose box lies entirely outside the image: annotation 4 (image " in log
+    assert (
+        "dropped 2 images under 8 px or with an aspect ratio over 32: image 102 'tiny.png'; image 103"
+        in log
+    )
+    assert (
+        "dropped 1 annotations with degenerate boxes (w or h <= 0): annotation 1 (image 1 '000001.png')"
+        in log
+    )
+    assert (
+        "dropped 1 annotations whose polygons are empty" in log and ": annotation 2 (image " in log
+    )
+    assert (
+        "dropped 1 annotations whose box lies entirely outside the image: annotation 4 (image "
+        in log
+    )
     assert "dropped 1 annotations whose image_id is not in 'images': annotation 1000\n" in log
-    assert "dropped 1 annotations of the dropped images: annotation 1001 (image 101 'gone.png')" in log
+    assert (
+        "dropped 1 annotations of the dropped images: annotation 1001 (image 101 'gone.png')" in log
+    )
     assert "have no instance" in log
     ids = {d["image_id"] for d in dicts}
     assert ids == set(range(1, 9)) | {104}
@@ -102,8 +124,15 @@ def test_training_stream_runs_through_a_dataset_with_dropped_records(coco, tmp_p
     image_root = tiny_dataset["train"][1]
     path = write(tmp_path, bad_but_usable(coco, image_root))
     register_coco_dataset("tiny_with_bad_records", path, image_root)
-    cfg = small_cfg("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
-                    "DATASETS.TRAIN", ("tiny_with_bad_records",), "SOLVER.IMS_PER_BATCH", 4, "SEED", 0)
+    cfg = small_cfg(
+        "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
+        "DATASETS.TRAIN",
+        ("tiny_with_bad_records",),
+        "SOLVER.IMS_PER_BATCH",
+        4,
+        "SEED",
+        0,
+    )
     usable = {d["image_id"] for d in load_validated_coco_json(path, image_root) if d["annotations"]}
     stream = iter(build_resumable_train_loader(cfg))
     seen = {d["image_id"] for _ in range(6) for d in next(stream)}  # 3 epochs of the usable images
@@ -124,7 +153,9 @@ def _peak_rss_mib():
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e30])
 @pytest.mark.parametrize("where", ["polygon", "bbox", "keypoints"])
-def test_nonfinite_or_huge_coordinate_drops_its_annotation_quickly(coco, tmp_path, tiny_dataset, caplog, where, value):
+def test_nonfinite_or_huge_coordinate_drops_its_annotation_quickly(
+    coco, tmp_path, tiny_dataset, caplog, where, value
+):
     """One such number used to make pycocotools rasterise a polygon of ~1e30 points (> 20 GB)."""
     import time
 
@@ -156,8 +187,14 @@ def test_nonfinite_or_huge_coordinate_drops_its_annotation_quickly(coco, tmp_pat
 def test_bad_rle_drops_its_annotation(coco, tmp_path, tiny_dataset, caplog):
     coco = copy.deepcopy(coco)
     coco["annotations"][0]["segmentation"] = {"size": [10**9, 10**9], "counts": [10**9]}
-    coco["annotations"][1]["segmentation"] = {"size": [96, 96], "counts": [5, 10]}  # covers 15 of 96*96 px
-    coco["annotations"][2]["segmentation"] = {"size": [96, 96], "counts": [9000, 216]}  # a valid RLE
+    coco["annotations"][1]["segmentation"] = {
+        "size": [96, 96],
+        "counts": [5, 10],
+    }  # covers 15 of 96*96 px
+    coco["annotations"][2]["segmentation"] = {
+        "size": [96, 96],
+        "counts": [9000, 216],
+    }  # a valid RLE
     with caplog.at_level(logging.WARNING, logger="acm_d2.data.validate"):
         dicts = load_validated_coco_json(write(tmp_path, coco), tiny_dataset["train"][1])
     assert "dropped 2 annotations whose RLE size is not the image's [height, width]" in caplog.text
@@ -173,17 +210,24 @@ def test_bad_rle_drops_its_annotation(coco, tmp_path, tiny_dataset, caplog):
         ({"size": [96, 96], "counts": [10**18]}, "not a list of non-negative 32-bit integers"),
     ],
 )
-def test_malformed_segmentation_is_an_error_naming_the_record(coco, tmp_path, tiny_dataset, segmentation, match):
+def test_malformed_segmentation_is_an_error_naming_the_record(
+    coco, tmp_path, tiny_dataset, segmentation, match
+):
     coco = copy.deepcopy(coco)
     coco["annotations"][0]["segmentation"] = segmentation
-    with pytest.raises(ValueError, match=f"bad.json: annotation id 1 \\(image 1 '000001.png'\\): .*{match}"):
+    with pytest.raises(
+        ValueError, match=f"bad.json: annotation id 1 \\(image 1 '000001.png'\\): .*{match}"
+    ):
         validate_coco_json(write(tmp_path, coco), tiny_dataset["train"][1])
 
 
 def test_duplicate_file_names_are_an_error_naming_both_ids(coco, tmp_path, tiny_dataset):
     coco = copy.deepcopy(coco)
     coco["images"][3]["file_name"] = coco["images"][1]["file_name"]
-    with pytest.raises(ValueError, match=r"1 image\(s\) share a file_name .*'000002.png' \(image ids 2 and 4\); merge"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 image\(s\) share a file_name .*'000002.png' \(image ids 2 and 4\); merge",
+    ):
         validate_coco_json(write(tmp_path, coco), tiny_dataset["train"][1])
 
 
@@ -202,11 +246,18 @@ def broken_images(coco, image_root):
         f.write(jpeg[: len(jpeg) - 100])
     coco["images"][3]["file_name"] = "cut.jpg"
     coco["images"][4]["width"] = 120
-    return coco, {1: "empty file", 2: "not a readable image", 3: "truncated", 4: "truncated JPEG",
-                  5: "96x96 px, but the JSON says 120x96"}
+    return coco, {
+        1: "empty file",
+        2: "not a readable image",
+        3: "truncated",
+        4: "truncated JPEG",
+        5: "96x96 px, but the JSON says 120x96",
+    }
 
 
-def test_image_check_drops_unreadable_and_resized_images_naming_them(coco, tmp_path, tiny_dataset, caplog):
+def test_image_check_drops_unreadable_and_resized_images_naming_them(
+    coco, tmp_path, tiny_dataset, caplog
+):
     import shutil
 
     image_root = str(tmp_path / "images")
@@ -233,17 +284,36 @@ def test_validation_costs_about_as_much_as_parsing_the_json(tmp_path):
     num_images, num_annotations = 11_800, 86_000
     image_root = tmp_path / "images"
     image_root.mkdir()
-    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480} for i in range(num_images)]
+    images = [
+        {"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480}
+        for i in range(num_images)
+    ]
     for image in images:
         (image_root / image["file_name"]).touch()
     xy = rng.uniform(10, 400, size=(num_annotations, 2)).round(2)
     annotations = [
-        {"id": i, "image_id": i % num_images, "category_id": 1, "iscrowd": 0, "area": 100.0,
-         "bbox": [x, y, 30.5, 20.25], "segmentation": [[v for k in range(20) for v in (x + k, y + k % 7)]]}
+        {
+            "id": i,
+            "image_id": i % num_images,
+            "category_id": 1,
+            "iscrowd": 0,
+            "area": 100.0,
+            "bbox": [x, y, 30.5, 20.25],
+            "segmentation": [[v for k in range(20) for v in (x + k, y + k % 7)]],
+        }
         for i, (x, y) in enumerate(xy.tolist())
     ]
-    path = write(tmp_path, json.dumps({"images": images, "annotations": annotations,
-                                       "categories": [{"id": 1, "name": "thing"}]}), "coco_tenth.json")
+    path = write(
+        tmp_path,
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "thing"}],
+            }
+        ),
+        "coco_tenth.json",
+    )
     del annotations
     start = time.perf_counter()
     with open(path) as f:
@@ -257,7 +327,9 @@ def test_validation_costs_about_as_much_as_parsing_the_json(tmp_path):
     assert seconds < 3 * parse + 1
 
 
-@pytest.mark.parametrize("flag, kept", [("--no-check-images", True), ("--check-images", False), (None, False)])
+@pytest.mark.parametrize(
+    "flag, kept", [("--no-check-images", True), ("--check-images", False), (None, False)]
+)
 def test_check_images_flag_reaches_the_loader(coco, tmp_path, tiny_dataset, flag, kept):
     import shutil
 

@@ -1,5 +1,6 @@
 """Bad input to training: config keys a model would ignore, unusable checkpoints, non-finite losses,
 and parameters without gradients (which DDP reports as "unused parameters")."""
+
 import logging
 
 import pytest
@@ -10,13 +11,22 @@ from acm_d2.checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
 from acm_d2.engine import NonFiniteLossError, Trainer
 from acm_d2.modeling import check_context_keys
 from acm_d2.modeling.meta_arch import OrthogonalLoss
-from conftest import small_cfg, training_batch
-from conftest import train, trainer_cfg
+from conftest import small_cfg, train, trainer_cfg, training_batch
 
 ACM = "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml"
 PLAIN = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
-R18_GN = ("MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "GN",
-          "MODEL.FPN.NORM", "GN", "MODEL.FPN.OUT_CHANNELS", 64)
+R18_GN = (
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.RESNETS.NORM",
+    "GN",
+    "MODEL.FPN.NORM",
+    "GN",
+    "MODEL.FPN.OUT_CHANNELS",
+    64,
+)
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -39,7 +49,11 @@ def test_context_keys_the_model_would_ignore_are_an_error_naming_the_key(config,
 
 
 def test_plain_meta_architecture_without_the_orth_loss_is_allowed_with_weight_zero():
-    check_context_keys(small_cfg(ACM, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ACM.ORTH_LOSS_WEIGHT", 0.0))
+    check_context_keys(
+        small_cfg(
+            ACM, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ACM.ORTH_LOSS_WEIGHT", 0.0
+        )
+    )
     check_context_keys(small_cfg(PLAIN))  # the baseline with every context key at its default
 
 
@@ -134,14 +148,18 @@ def test_foreign_checkpoint_names_the_file(acm_model, tmp_path, content, match):
 
 def test_checkpoint_of_another_backbone_names_the_file_and_a_key(acm_model, tmp_path):
     state = dict(acm_model.state_dict())
-    key = next(k for k in state if k.startswith("backbone.bottom_up.res3") and k.endswith("conv1.weight"))
+    key = next(
+        k for k in state if k.startswith("backbone.bottom_up.res3") and k.endswith("conv1.weight")
+    )
     state[key] = torch.zeros(3, 3, 1, 1)
     torch.save({"model": state}, tmp_path / "r101.pth")
     with pytest.raises(CheckpointError, match=rf"r101.pth.*another backbone.*{key}"):
         _load(acm_model, tmp_path / "r101.pth")
 
 
-def test_baseline_checkpoint_summary_separates_acm_keys_from_other_missing_keys(acm_model, tmp_path):
+def test_baseline_checkpoint_summary_separates_acm_keys_from_other_missing_keys(
+    acm_model, tmp_path
+):
     state = {k: v for k, v in acm_model.state_dict().items() if ".context." not in k}
     torch.save({"model": state}, tmp_path / "baseline.pth")
     without_heads = {k: v for k, v in state.items() if not k.startswith("roi_heads.mask_head")}
@@ -157,7 +175,10 @@ def test_baseline_checkpoint_summary_separates_acm_keys_from_other_missing_keys(
     try:
         checkpointer.load(str(tmp_path / "baseline.pth"))
         summary = [r for r in records if "context-module (ACM)" in r.getMessage()]
-        assert summary[-1].levelno == logging.INFO and "No other parameter is missing" in summary[-1].getMessage()
+        assert (
+            summary[-1].levelno == logging.INFO
+            and "No other parameter is missing" in summary[-1].getMessage()
+        )
         records.clear()
         checkpointer.load(str(tmp_path / "imagenet_like.pth"))
         summary = [r for r in records if "context-module (ACM)" in r.getMessage()]
@@ -170,7 +191,9 @@ def test_baseline_checkpoint_summary_separates_acm_keys_from_other_missing_keys(
 
 
 # ---- non-finite loss ---------------------------------------------------------------------------
-def test_non_finite_orth_loss_stops_naming_the_term_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+def test_non_finite_orth_loss_stops_naming_the_term_and_keeps_the_last_good_checkpoint(
+    tiny_dataset, tmp_path, monkeypatch
+):
     calls = []
     original = OrthogonalLoss.__call__
 
@@ -183,9 +206,13 @@ def test_non_finite_orth_loss_stops_naming_the_term_and_keeps_the_last_good_chec
 
     monkeypatch.setattr(OrthogonalLoss, "__call__", nan_at_second_step)
     cfg = trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1)
-    with pytest.raises(NonFiniteLossError, match=r"iteration 1: loss_acm_orth = nan.*model_0000000\.pth") as info:
+    with pytest.raises(
+        NonFiniteLossError, match=r"iteration 1: loss_acm_orth = nan.*model_0000000\.pth"
+    ) as info:
         train(cfg)
-    assert "loss_cls" not in str(info.value).split("finite terms")[0]  # only the bad term is named as bad
+    assert (
+        "loss_cls" not in str(info.value).split("finite terms")[0]
+    )  # only the bad term is named as bad
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth"]  # no model_final
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
     state = torch.load(tmp_path / "model_0000000.pth", weights_only=False)["model"]
@@ -210,7 +237,10 @@ def test_rpn_divergence_ends_like_a_non_finite_loss(tiny_dataset, tmp_path, monk
 
     monkeypatch.setattr(StandardRPNHead, "forward", nan_deltas_at_second_step)
     cfg = trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1)
-    with pytest.raises(NonFiniteLossError, match=r"diverged at iteration 1: .*Inf/NaN.*SOLVER\.BASE_LR.*model_0000000\.pth"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"diverged at iteration 1: .*Inf/NaN.*SOLVER\.BASE_LR.*model_0000000\.pth",
+    ):
         train(cfg)
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth"]  # no model_final
     assert not (tmp_path / "inference").exists()
@@ -218,10 +248,16 @@ def test_rpn_divergence_ends_like_a_non_finite_loss(tiny_dataset, tmp_path, monk
 
 def test_resume_with_a_changed_head_names_the_keys_and_shapes_at_load_time(tiny_dataset, tmp_path):
     train(trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 1, "DATASETS.TEST", ()))
-    changed = Trainer(trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 2, "MODEL.ROI_HEADS.NUM_CLASSES", 3))
-    with pytest.raises(CheckpointError, match=(
-        r"model_final\.pth.*roi_heads\.box_predictor\.cls_score\.weight: \(3, 1024\) in the file, \(4, 1024\) in the "
-        r"model.*another OUTPUT_DIR with MODEL\.WEIGHTS")):
+    changed = Trainer(
+        trainer_cfg(tiny_dataset, tmp_path, "SOLVER.MAX_ITER", 2, "MODEL.ROI_HEADS.NUM_CLASSES", 3)
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"model_final\.pth.*roi_heads\.box_predictor\.cls_score\.weight: \(3, 1024\) in the file, \(4, 1024\) in the "
+            r"model.*another OUTPUT_DIR with MODEL\.WEIGHTS"
+        ),
+    ):
         changed.resume_or_load(resume=True)
     # Fine-tuning from the same file (MODEL.WEIGHTS, no resume) still re-initialises the changed layers.
     changed.checkpointer.resume_or_load(str(tmp_path / "model_final.pth"), resume=False)
@@ -233,9 +269,15 @@ def test_eval_only_refuses_missing_or_incomplete_weights_unless_asked(acm_model,
     from acm_d2.engine import load_weights_for_evaluation
 
     args = argparse.Namespace(resume=False, allow_random_weights=False)
-    with pytest.raises(CheckpointError, match=r"--eval-only without weights.*MODEL\.WEIGHTS.*--allow-random-weights"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"--eval-only without weights.*MODEL\.WEIGHTS.*--allow-random-weights",
+    ):
         load_weights_for_evaluation(acm_model, "", str(tmp_path), args)
-    torch.save({"model": {k: v for k, v in acm_model.state_dict().items() if ".context." not in k}}, tmp_path / "baseline.pth")
+    torch.save(
+        {"model": {k: v for k, v in acm_model.state_dict().items() if ".context." not in k}},
+        tmp_path / "baseline.pth",
+    )
     with pytest.raises(CheckpointError, match=r"baseline\.pth.*does not hold \d+ parameters"):
         load_weights_for_evaluation(acm_model, str(tmp_path / "baseline.pth"), str(tmp_path), args)
     args.allow_random_weights = True

@@ -1,5 +1,6 @@
 """Exact resume, in-process (no subprocess start-up): the steps after `resume_or_load(resume=True)` have
 the same losses as those of an uninterrupted run with the same cfg.SEED."""
+
 import json
 import os
 
@@ -10,6 +11,7 @@ from acm_d2.data.stream import ResumableTrainStream, build_resumable_train_loade
 from acm_d2.engine import Trainer
 from conftest import LOSS_TERMS, train, trainer_cfg
 
+
 def final_metrics_row(output_dir):
     with open(os.path.join(output_dir, "metrics.json")) as f:
         return [json.loads(line) for line in f][-1]
@@ -18,8 +20,24 @@ def final_metrics_row(output_dir):
 def test_resumed_run_has_the_losses_of_an_uninterrupted_run(tiny_dataset, tmp_path):
     # 5 iterations of 2 images from 8: the data stream crosses an epoch at iteration 4, the LR warms up
     # until iteration 3 and drops at iteration 4, all after the resume point.
-    opts = ("SOLVER.MAX_ITER", 5, "SOLVER.STEPS", (4,), "SOLVER.WARMUP_ITERS", 3, "SOLVER.CHECKPOINT_PERIOD", 2,
-            "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64)
+    opts = (
+        "SOLVER.MAX_ITER",
+        5,
+        "SOLVER.STEPS",
+        (4,),
+        "SOLVER.WARMUP_ITERS",
+        3,
+        "SOLVER.CHECKPOINT_PERIOD",
+        2,
+        "TEST.EVAL_PERIOD",
+        0,
+        "DATASETS.TEST",
+        (),
+        "INPUT.MIN_SIZE_TRAIN",
+        (64,),
+        "INPUT.MAX_SIZE_TRAIN",
+        64,
+    )
     full, _ = train(trainer_cfg(tiny_dataset, tmp_path / "full", *opts))
     # Killed during iteration 3: the last checkpoint is model_0000001.pth, iteration 2 is done again.
     train(trainer_cfg(tiny_dataset, tmp_path / "cut", *opts), interrupt_at=3)
@@ -41,8 +59,17 @@ def _file_names(batches):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_train_stream_restarts_at_any_batch_with_the_same_images_and_augmentation(tiny_dataset, tmp_path, num_workers):
-    cfg = trainer_cfg(tiny_dataset, tmp_path, "DATALOADER.NUM_WORKERS", num_workers, "INPUT.RANDOM_FLIP", "horizontal")
+def test_train_stream_restarts_at_any_batch_with_the_same_images_and_augmentation(
+    tiny_dataset, tmp_path, num_workers
+):
+    cfg = trainer_cfg(
+        tiny_dataset,
+        tmp_path,
+        "DATALOADER.NUM_WORKERS",
+        num_workers,
+        "INPUT.RANDOM_FLIP",
+        "horizontal",
+    )
     loader = build_resumable_train_loader(cfg)
     assert isinstance(loader.dataset, ResumableTrainStream)
     stream = iter(loader)
@@ -55,7 +82,9 @@ def test_train_stream_restarts_at_any_batch_with_the_same_images_and_augmentatio
         for x, y in zip(a, b):
             assert torch.equal(x["image"], y["image"])  # the same flips
     epoch = sorted(name for batch in _file_names(batches[:4]) for name in batch)
-    assert epoch == sorted(set(epoch)) and len(epoch) == 8  # 4 batches of 2: each of the 8 images once
+    assert (
+        epoch == sorted(set(epoch)) and len(epoch) == 8
+    )  # 4 batches of 2: each of the 8 images once
 
 
 def test_amp_grad_scaler_state_is_restored_on_resume(tiny_dataset, tmp_path):
@@ -98,5 +127,7 @@ def test_resume_after_a_kill_while_writing_model_final_writes_it(tiny_dataset, t
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     losses, trainer = train(trainer_cfg(tiny_dataset, tmp_path, *opts), resume=True)
     assert trainer.start_iter == 2 and losses == {}  # nothing trained again
-    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth" and not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth" and not list(
+        tmp_path.glob(".*.tmp")
+    )
     assert _same(torch.load(tmp_path / "model_final.pth", weights_only=True), expected)

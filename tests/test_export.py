@@ -1,6 +1,7 @@
 """Deployment of ACM models through Detectron2's paths: TorchScript scripting and tracing, ONNX (both
 exporters, checked with onnxruntime), torch.export, fvcore's FLOP counter; with the default ACM impl,
 whose fused op must never reach a saved graph."""
+
 import os
 import subprocess
 import sys
@@ -10,14 +11,40 @@ import pytest
 import torch
 from detectron2.modeling import build_backbone, build_model
 
-from acm_d2.export import max_difference, onnx_bytes, run_onnx, script_model, scripted_outputs, traceable_model
-from acm_d2.layers import AttendAndCompare, CrissCrossAttention, GlobalContext, NonLocal2d, SqueezeExcite
+from acm_d2.export import (
+    max_difference,
+    onnx_bytes,
+    run_onnx,
+    script_model,
+    scripted_outputs,
+    traceable_model,
+)
+from acm_d2.layers import (
+    AttendAndCompare,
+    CrissCrossAttention,
+    GlobalContext,
+    NonLocal2d,
+    SqueezeExcite,
+)
 from acm_d2.layers.acm import ACM_VARIANTS
 from conftest import small_cfg
 
-R18 = ("MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.ROI_HEADS.NUM_CLASSES", 3,
-       "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
-       "TEST.DETECTIONS_PER_IMAGE", 20)
+R18 = (
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    3,
+    "MODEL.RETINANET.NUM_CLASSES",
+    3,
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    0.0,
+    "MODEL.RETINANET.SCORE_THRESH_TEST",
+    0.0,
+    "TEST.DETECTIONS_PER_IMAGE",
+    20,
+)
 MASK_RCNN_FPN = "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml"
 # An exported model computes ACM's reference maths, the eager one (default impl, CPU) the fused form:
 # equal up to float rounding, which a random-weight detector amplifies in its box regression (up to
@@ -62,7 +89,11 @@ def _flat_backbone(config_file=MASK_RCNN_FPN):
 
 
 def _acm_d2_ops(script_module):
-    return [node.kind() for node in script_module.inlined_graph.nodes() if node.kind().startswith("acm_d2::")]
+    return [
+        node.kind()
+        for node in script_module.inlined_graph.nodes()
+        if node.kind().startswith("acm_d2::")
+    ]
 
 
 def _random_parameters(module):
@@ -75,8 +106,13 @@ def _random_parameters(module):
 
 @pytest.mark.parametrize(
     "make",
-    [*(lambda v=v: AttendAndCompare(32, num_groups=4, variant=v) for v in ACM_VARIANTS),
-     lambda: SqueezeExcite(32), lambda: GlobalContext(32), lambda: NonLocal2d(32), lambda: CrissCrossAttention(32)],
+    [
+        *(lambda v=v: AttendAndCompare(32, num_groups=4, variant=v) for v in ACM_VARIANTS),
+        lambda: SqueezeExcite(32),
+        lambda: GlobalContext(32),
+        lambda: NonLocal2d(32),
+        lambda: CrissCrossAttention(32),
+    ],
     ids=[f"acm-{v}" for v in ACM_VARIANTS] + ["se", "gc", "nl", "cc"],
 )
 @pytest.mark.parametrize("training", [False, True])
@@ -87,7 +123,11 @@ def test_context_modules_script_and_match_eager(make, training):
     torch.testing.assert_close(scripted(x), module(x), rtol=1e-5, atol=1e-5)
     if isinstance(module, AttendAndCompare):  # the orthogonality term too, present only in training
         eager_term, scripted_term = module.orth_term, scripted.orth_term
-        assert (eager_term is None) == (scripted_term is None) == (not (training and module.has_orth_term))
+        assert (
+            (eager_term is None)
+            == (scripted_term is None)
+            == (not (training and module.has_orth_term))
+        )
         if eager_term is not None:
             torch.testing.assert_close(scripted_term, eager_term)
 
@@ -121,7 +161,10 @@ def test_fused_op_is_kept_under_torch_compile_and_left_out_of_export():
     "config_file, opts",
     [
         (MASK_RCNN_FPN, ()),
-        ("COCO-Detection/faster_rcnn_acm_R_50_C4_1x.yaml", ("MODEL.MASK_ON", True)),  # Mask R-CNN C4
+        (
+            "COCO-Detection/faster_rcnn_acm_R_50_C4_1x.yaml",
+            ("MODEL.MASK_ON", True),
+        ),  # Mask R-CNN C4
         ("COCO-Detection/retinanet_acm_R_50_FPN_1x.yaml", ()),
     ],
     ids=["mask_rcnn_fpn", "mask_rcnn_c4", "retinanet"],
@@ -137,7 +180,11 @@ def test_scripting_with_instances_matches_eager(config_file, opts):
 
 def test_traced_model_runs_in_an_interpreter_without_acm_d2(tmp_path):
     model = _model(MASK_RCNN_FPN)  # default ACM impl: fused in eager on this CPU
-    assert any(m.uses_fused(torch.zeros(1, m.channels, 4, 4)) for m in model.modules() if isinstance(m, AttendAndCompare))
+    assert any(
+        m.uses_fused(torch.zeros(1, m.channels, 4, 4))
+        for m in model.modules()
+        if isinstance(m, AttendAndCompare)
+    )
     image = _image()
     traceable = traceable_model(model, image)
     traced = torch.jit.trace(traceable, (image,))
@@ -161,7 +208,14 @@ def test_traced_model_runs_in_an_interpreter_without_acm_d2(tmp_path):
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         expected = traceable(image)
@@ -170,7 +224,9 @@ def test_traced_model_runs_in_an_interpreter_without_acm_d2(tmp_path):
     _assert_detections_close(_fields(actual["instances"]), _fields(expected["instances"]))
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter_opset11", "dynamo_exporter"])
+@pytest.mark.parametrize(
+    "dynamo", [False, True], ids=["torchscript_exporter_opset11", "dynamo_exporter"]
+)
 def test_onnx_backbone_matches_eager_in_onnxruntime(dynamo):
     pytest.importorskip("onnxruntime")  # a fallback only: `make test` installs the deploy extras
     onnx = pytest.importorskip("onnx")
@@ -187,7 +243,13 @@ def test_onnx_mask_rcnn_matches_eager_in_onnxruntime(opset):
     pytest.importorskip("onnxruntime")
     # ROIAlign (aligned=False): ONNX RoiAlign before opset 16 has no `aligned`, so Detectron2's default
     # ROIAlignV2 exports there as an approximation (for a stock model too); this model exports exactly.
-    model = _model(MASK_RCNN_FPN, "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign")
+    model = _model(
+        MASK_RCNN_FPN,
+        "MODEL.ROI_BOX_HEAD.POOLER_TYPE",
+        "ROIAlign",
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+        "ROIAlign",
+    )
     image = _image()
     traceable = traceable_model(model, image)
     outputs = run_onnx(onnx_bytes(traceable, (image,), opset=opset), (image,))
@@ -197,7 +259,9 @@ def test_onnx_mask_rcnn_matches_eager_in_onnxruntime(opset):
     eager = traceable.outputs_schema(expected)[0]["instances"]
     assert len(instances) == len(eager) > 0
     torch.testing.assert_close(instances.scores, eager.scores, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(instances.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(
+        instances.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=1e-3, atol=1e-2
+    )
 
 
 def test_acm_flops_are_counted_in_every_impl():
@@ -209,6 +273,8 @@ def test_acm_flops_are_counted_in_every_impl():
         acm = AttendAndCompare(32, num_groups=4, impl=impl).eval()
         analysis = FlopCountAnalysis(acm, x).unsupported_ops_warnings(False)
         counts[impl] = analysis.total()
-        assert not any("acm_d2" in op for op in analysis.unsupported_ops()), analysis.unsupported_ops()
+        assert not any("acm_d2" in op for op in analysis.unsupported_ops()), (
+            analysis.unsupported_ops()
+        )
     # fvcore counts multiply-adds: K and Q logits and their pooling, 2 heads x 2 x B x C x HW, and P's convs.
     assert counts["auto"] == counts["reference"] == counts["fused"] >= 2 * 2 * 2 * 32 * 64

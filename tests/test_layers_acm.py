@@ -17,7 +17,9 @@ def spec_acm(x, module):
         out = torch.empty(B, C, dtype=x.dtype)
         for g in range(G):
             xs = xm[:, g * cg : (g + 1) * cg].reshape(B, cg, H * W)
-            logits = torch.einsum("c,bcn->bn", conv.weight[g, :, 0, 0].to(x.dtype), xs) + conv.bias[g].to(x.dtype)
+            logits = torch.einsum("c,bcn->bn", conv.weight[g, :, 0, 0].to(x.dtype), xs) + conv.bias[
+                g
+            ].to(x.dtype)
             a = torch.softmax(logits, dim=1)
             out[:, g * cg : (g + 1) * cg] = (xs * a[:, None, :]).sum(-1)
         return out
@@ -28,8 +30,15 @@ def spec_acm(x, module):
     if K is not None:
         y = y + (K - (Q if Q is not None else 0))[:, :, None, None]
     if module.use_p:
-        h = torch.nn.functional.conv2d(mu, module.p_reduce.weight.to(x.dtype), module.p_reduce.bias.to(x.dtype), groups=G)
-        p = torch.nn.functional.conv2d(torch.relu(h), module.p_expand.weight.to(x.dtype), module.p_expand.bias.to(x.dtype), groups=G)
+        h = torch.nn.functional.conv2d(
+            mu, module.p_reduce.weight.to(x.dtype), module.p_reduce.bias.to(x.dtype), groups=G
+        )
+        p = torch.nn.functional.conv2d(
+            torch.relu(h),
+            module.p_expand.weight.to(x.dtype),
+            module.p_expand.bias.to(x.dtype),
+            groups=G,
+        )
         y = torch.sigmoid(p) * y
     d = (K * Q).sum(1) / C if (K is not None and Q is not None) else None
     return y, d
@@ -99,7 +108,9 @@ def test_eval_mode_computes_no_orth_term():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_output_keeps_input_dtype_and_is_finite_under_bf16_autocast(impl):
     m = random_acm(channels=32, groups=8, dtype=torch.float32, impl=impl).train()
-    x = torch.randn(2, 32, 8, 8) * 50  # large activations: naive half-precision softmax pooling is fragile
+    x = (
+        torch.randn(2, 32, 8, 8) * 50
+    )  # large activations: naive half-precision softmax pooling is fragile
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x.bfloat16())
     assert y.dtype == torch.bfloat16

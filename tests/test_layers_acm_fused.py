@@ -9,6 +9,7 @@ accumulated in float32 from the same values); Triton (TRITON_INTERPRET=1) agains
 in float32: 1e-5 for y, d, dx, 1e-4 for weight gradients (summed over B*H*W in another order); with
 bf16 inputs 2^-7 of each tensor's largest entry.
 """
+
 import os
 import subprocess
 import sys
@@ -59,10 +60,14 @@ def check_against_reference(variant, shape, groups, dtype, rtol, atol):
     if d is not None:
         torch.testing.assert_close(d, d_ref, rtol=rtol, atol=atol)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
-    scale = max(1.0, max(t.abs().max().item() for t in g_ref))  # the gradients are sums over H*W positions
+    scale = max(
+        1.0, max(t.abs().max().item() for t in g_ref)
+    )  # the gradients are sums over H*W positions
     for name, a, b in zip(names, g, g_ref):
         # The logits biases cancel in the softmax: exactly zero in the fused form, rounding noise in the reference.
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=rtol, atol=atol * scale, msg=lambda m: f"grad of {name}: {m}"
+        )
         if name.endswith("logits.bias"):
             assert torch.count_nonzero(a) == 0
 
@@ -93,7 +98,9 @@ def test_low_precision_inputs_accumulate_in_float32(dtype, ulp):
     assert y.dtype == dtype and d.dtype == torch.float32 and g[0].dtype == dtype
     torch.testing.assert_close(y.float(), y_ref, rtol=ulp, atol=ulp)
     torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g[0].float(), g_ref[0], rtol=0, atol=ulp * g_ref[0].abs().max().item())
+    torch.testing.assert_close(
+        g[0].float(), g_ref[0], rtol=0, atol=ulp * g_ref[0].abs().max().item()
+    )
     for a, b in zip(g[1:], g_ref[1:]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -102,15 +109,23 @@ def test_gradcheck_fused_op():
     torch.manual_seed(0)
     G, C = 2, 8
     x = torch.randn(2, C, 2, 3, dtype=torch.float64, requires_grad=True)
-    params = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in [(G, C // G, 1, 1), (G,)] * 2]
-    p_params = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in [(C // 2, C // G, 1, 1), (C // 2,), (C, C // 2 // G, 1, 1), (C,)]]
+    params = [
+        torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        for shape in [(G, C // G, 1, 1), (G,)] * 2
+    ]
+    p_params = [
+        torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        for shape in [(C // 2, C // G, 1, 1), (C // 2,), (C, C // 2 // G, 1, 1), (C,)]
+    ]
 
     def fn(x, kw, kb, qw, qb, *p):
         y, d = acm_fused(x, kw, kb, qw, qb, p, G, need_orth=True, backend="torch")
         return y, d
 
     assert torch.autograd.gradcheck(fn, (x, *params, *p_params))
-    assert torch.autograd.gradcheck(lambda x, kw, kb: acm_fused(x, kw, kb, None, None, None, G, False)[0], (x, *params[:2]))
+    assert torch.autograd.gradcheck(
+        lambda x, kw, kb: acm_fused(x, kw, kb, None, None, None, G, False)[0], (x, *params[:2])
+    )
 
 
 def test_backward_saves_no_full_size_intermediates():
@@ -122,7 +137,9 @@ def test_backward_saves_no_full_size_intermediates():
         fused(x)
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
-    assert all(t.numel() <= 2 * 2 * 16 for t in saved if t is not big[0])  # per-(sample, head, channel) vectors at most
+    assert all(
+        t.numel() <= 2 * 2 * 16 for t in saved if t is not big[0]
+    )  # per-(sample, head, channel) vectors at most
 
 
 def test_eval_computes_no_orth_term():
@@ -139,21 +156,37 @@ def test_impl_selection_and_errors():
     assert ACM_IMPLS == ("auto", "reference", "fused")
     for variant in FUSED_VARIANTS:
         assert AttendAndCompare(8, num_groups=2, variant=variant, impl="fused").uses_fused(x)
-        assert not AttendAndCompare(8, num_groups=2, variant=variant, impl="reference").uses_fused(x)
+        assert not AttendAndCompare(8, num_groups=2, variant=variant, impl="reference").uses_fused(
+            x
+        )
         auto = AttendAndCompare(8, num_groups=2, variant=variant, impl="auto")
         assert auto.uses_fused(x) == acm_module._FUSED_FASTER_ON_CPU
     # p_only has no attention: every impl runs the reference.
     for impl in ACM_IMPLS:
         assert not AttendAndCompare(8, num_groups=2, variant="p_only", impl=impl).uses_fused(x)
     with pytest.raises(ValueError, match="backend"):
-        acm_fused(x, torch.ones(2, 4, 1, 1), torch.zeros(2), None, None, None, 2, False, backend="cuda")
+        acm_fused(
+            x, torch.ones(2, 4, 1, 1), torch.zeros(2), None, None, None, 2, False, backend="cuda"
+        )
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the error outside the interpreter")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="checks the error outside the interpreter"
+)
 def test_triton_backend_on_cpu_needs_interpreter():
     pytest.importorskip("triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        acm_fused(torch.randn(1, 8, 3, 3), torch.ones(2, 4, 1, 1), torch.zeros(2), None, None, None, 2, False, backend="triton")
+        acm_fused(
+            torch.randn(1, 8, 3, 3),
+            torch.ones(2, 4, 1, 1),
+            torch.zeros(2),
+            None,
+            None,
+            None,
+            2,
+            False,
+            backend="triton",
+        )
 
 
 def test_p_only_runs_reference_under_fused():
@@ -251,9 +284,17 @@ TRITON_CHECK = textwrap.dedent(
 
 def test_triton_kernels_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, (
+        proc.stdout[-3000:] + proc.stderr[-6000:]
+    )
 
 
 def test_channels_last_and_strided_inputs_torch_backend():
@@ -265,10 +306,14 @@ def test_channels_last_and_strided_inputs_torch_backend():
     y_ref, d_ref, g_ref = run(ref, x, dy, dd)
     x_cl = x.to(memory_format=torch.channels_last)
     y, d, g = run(fused, x_cl, dy, dd)
-    assert y.is_contiguous(memory_format=torch.channels_last) and g[0].is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last) and g[0].is_contiguous(
+        memory_format=torch.channels_last
+    )
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(g[0], g_ref[0], rtol=1e-10, atol=1e-10)
-    wide = torch.randn(2, 16, 5, 14, dtype=torch.float64)[..., ::2]  # neither NCHW- nor NHWC-contiguous
+    wide = torch.randn(2, 16, 5, 14, dtype=torch.float64)[
+        ..., ::2
+    ]  # neither NCHW- nor NHWC-contiguous
     y, _, g = run(fused, wide, dy, dd)
     assert y.is_contiguous()
     torch.testing.assert_close(y, run(ref, wide, dy, dd)[0], rtol=1e-10, atol=1e-10)
@@ -289,17 +334,23 @@ def test_triton_launches_run_under_the_inputs_device_guard(monkeypatch):
         guarded.pop()
 
     monkeypatch.setattr(triton_backend, "_device_guard", guard)
-    monkeypatch.setattr(triton_backend, "_launch", lambda kernel, grid, *a, **m: launches.append(bool(guarded)))
+    monkeypatch.setattr(
+        triton_backend, "_launch", lambda kernel, grid, *a, **m: launches.append(bool(guarded))
+    )
     monkeypatch.setattr(triton_backend, "_num_sms", lambda x: 132)
     aot = pytest.importorskip("acm_d2.layers.acm_fused.aot")
     x, kw, _, p = aot.meta_inputs((2, 64, 6, 8), 4)
     _, _, mu, pooled, lse, pv = triton_backend.forward(x, kw, kw, p, 4, True)
-    triton_backend.backward(torch.empty_like(x), torch.empty(2, device="meta"), x, kw, kw, p, mu, pooled, lse, pv, 4)
+    triton_backend.backward(
+        torch.empty_like(x), torch.empty(2, device="meta"), x, kw, kw, p, mu, pooled, lse, pv, 4
+    )
     assert launches == [True] * 6
 
     entered = []
     monkeypatch.undo()
-    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    monkeypatch.setattr(
+        torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext()
+    )
 
     class OnSecondGPU:
         is_cuda, device = True, torch.device("cuda", 1)

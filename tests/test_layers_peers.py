@@ -3,6 +3,7 @@
 The references below use plain loops and matrix products on the modules' weights, not the modules'
 own code paths, so that a shared mistake would have to be made twice.
 """
+
 import math
 
 import pytest
@@ -10,7 +11,13 @@ import torch
 from torch.autograd import gradcheck
 from torch.overrides import TorchFunctionMode
 
-from acm_d2.layers import CrissCrossAttention, GlobalContext, NonLocal2d, SqueezeExcite, criss_cross_weights
+from acm_d2.layers import (
+    CrissCrossAttention,
+    GlobalContext,
+    NonLocal2d,
+    SqueezeExcite,
+    criss_cross_weights,
+)
 
 
 def _randomize(module, seed=0, std=0.5):
@@ -24,7 +31,9 @@ def _randomize(module, seed=0, std=0.5):
 
 
 def _input(B=2, C=16, H=3, W=5, seed=1):
-    return torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(
+        B, C, H, W, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 def _matrix(conv):
@@ -222,7 +231,9 @@ def test_criss_cross_weights_spread_one_over_h_plus_w_minus_1_positions():
     weights = criss_cross_weights(query, key)
     assert weights.shape == (2, H, W, H + W)
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, H, W, dtype=torch.float64))
-    self_in_column = weights[:, torch.arange(H), :, torch.arange(H)]  # H x B x W: entry i == h of each column
+    self_in_column = weights[
+        :, torch.arange(H), :, torch.arange(H)
+    ]  # H x B x W: entry i == h of each column
     assert torch.count_nonzero(self_in_column) == 0
     assert torch.count_nonzero(weights) == 2 * H * W * (H + W - 1)
 
@@ -289,7 +300,10 @@ def test_softmax_runs_in_float32_under_autocast(name):
     "make, message",
     [
         (lambda: SqueezeExcite(0), "SqueezeExcite needs channels >= 1"),
-        (lambda: SqueezeExcite(8, reduction=16), r"SqueezeExcite needs 1 <= reduction <= channels \(8\)"),
+        (
+            lambda: SqueezeExcite(8, reduction=16),
+            r"SqueezeExcite needs 1 <= reduction <= channels \(8\)",
+        ),
         (lambda: SqueezeExcite(8, reduction=0), "got reduction=0"),
         (lambda: GlobalContext(0), "GlobalContext needs channels >= 1"),
         (lambda: GlobalContext(8, ratio=0.0), "got ratio=0.0 for channels=8"),
@@ -297,7 +311,10 @@ def test_softmax_runs_in_float32_under_autocast(name):
         (lambda: GlobalContext(8, ratio=1 / 16), r"int\(channels \* ratio\) >= 1"),
         (lambda: NonLocal2d(1, reduction=2), r"NonLocal2d needs 1 <= reduction <= channels \(1\)"),
         (lambda: NonLocal2d(0), "NonLocal2d needs channels >= 1"),
-        (lambda: CrissCrossAttention(4), r"the width of Q and K \(channels // reduction\) is at least 1, got reduction=8"),
+        (
+            lambda: CrissCrossAttention(4),
+            r"the width of Q and K \(channels // reduction\) is at least 1, got reduction=8",
+        ),
         (lambda: CrissCrossAttention(16, recurrence=0), r"recurrence >= 1 \(paper: 2\), got 0"),
         (lambda: CrissCrossAttention(0), "CrissCrossAttention needs channels >= 1"),
     ],

@@ -1,5 +1,6 @@
 """The Python (LazyConfig) configs: they build the yaml configs' models, and tools/lazyconfig_train_net.py
 trains and evaluates them."""
+
 import json
 import os
 import subprocess
@@ -16,7 +17,10 @@ from conftest import CONFIGS, REPO, small_cfg
 TOOL = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
 TWINS = [
     ("lazy/mask_rcnn_R_50_FPN_1x.py", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"),
-    ("lazy/mask_rcnn_acm_R_50_FPN_1x.py", "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml"),
+    (
+        "lazy/mask_rcnn_acm_R_50_FPN_1x.py",
+        "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
+    ),
 ]
 
 
@@ -33,18 +37,34 @@ def test_lazy_and_yaml_configs_build_the_same_model(lazy, yaml):
         from_lazy = instantiate(lazy_cfg.model)
     assert type(from_lazy) is type(from_yaml)
     assert shapes(from_lazy) == shapes(from_yaml)
-    acms = lambda m: [(n, m.variant, m.num_groups) for n, m in m.named_modules() if isinstance(m, AttendAndCompare)]  # noqa: E731
+
+    def acms(m):
+        return [
+            (n, m.variant, m.num_groups)
+            for n, m in m.named_modules()
+            if isinstance(m, AttendAndCompare)
+        ]
+
     assert acms(from_lazy) == acms(from_yaml)
     if hasattr(from_yaml, "orth_loss"):
-        assert (from_lazy.orth_loss.weight, from_lazy.orth_loss.mode) == (from_yaml.orth_loss.weight, from_yaml.orth_loss.mode)
-    frozen = lambda m: sorted(n for n, p in m.named_parameters() if not p.requires_grad)  # noqa: E731
+        assert (from_lazy.orth_loss.weight, from_lazy.orth_loss.mode) == (
+            from_yaml.orth_loss.weight,
+            from_yaml.orth_loss.mode,
+        )
+
+    def frozen(m):
+        return sorted(n for n, p in m.named_parameters() if not p.requires_grad)
+
     assert frozen(from_lazy) == frozen(from_yaml)  # FREEZE_AT 2: the stem and res2 (not their ACMs)
-    assert lazy_cfg.train.max_iter == cfg.SOLVER.MAX_ITER and lazy_cfg.optimizer.lr == cfg.SOLVER.BASE_LR
+    assert (
+        lazy_cfg.train.max_iter == cfg.SOLVER.MAX_ITER
+        and lazy_cfg.optimizer.lr == cfg.SOLVER.BASE_LR
+    )
 
 
 # The ACM lazy config made small for 2 CPU cores, as tests/test_train_net.py does with yaml: ACM R-18
 # with GroupNorm at 96 px on the generated dataset.
-SMALL_CONFIG = '''
+SMALL_CONFIG = """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L, LazyConfig
 
@@ -64,17 +84,21 @@ dataloader.test.num_workers = 0
 optimizer.lr = 0.005
 train.update(init_checkpoint="", max_iter=3, eval_period=0, log_period=1, device="cpu")
 train.checkpointer.period = 1000
-'''
+"""
 
 
 def test_lazy_acm_config_trains_and_evaluates_on_the_cpu(tiny_dataset, tmp_path):
     config = tmp_path / "small_acm.py"
-    config.write_text(SMALL_CONFIG.format(config=os.path.join(CONFIGS, "lazy", "mask_rcnn_acm_R_50_FPN_1x.py")))
+    config.write_text(
+        SMALL_CONFIG.format(config=os.path.join(CONFIGS, "lazy", "mask_rcnn_acm_R_50_FPN_1x.py"))
+    )
     cmd = [sys.executable, TOOL, "--config-file", str(config)]
     for split, (json_file, image_root) in tiny_dataset.items():
         cmd += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
     cmd += [f"train.output_dir={tmp_path / 'out'}", "train.seed=1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
     with open(tmp_path / "out" / "metrics.json") as f:
@@ -92,4 +116,7 @@ def test_context_builder_validates_as_a_yaml_config_does():
     with pytest.raises(KeyError, match="no such node"):
         context_builder("ACM", FOO=dict(X=1))
     se = context_builder("SE", SE=dict(STAGES=["res5"]))
-    assert se("res4", 0, 6, 1024) is None and se("res5", 2, 3, 2048).__class__.__name__ == "SqueezeExcite"
+    assert (
+        se("res4", 0, 6, 1024) is None
+        and se("res5", 2, 3, 2048).__class__.__name__ == "SqueezeExcite"
+    )

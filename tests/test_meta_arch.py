@@ -60,7 +60,9 @@ def test_gradients_reach_every_acm_parameter():
     assert len(acm_params) == 16 * 8
     for name, p in acm_params:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        if "logits.bias" not in name:  # the logit biases cancel in the softmax: their gradient is ~0
+        if (
+            "logits.bias" not in name
+        ):  # the logit biases cancel in the softmax: their gradient is ~0
             assert p.grad.abs().sum() > 0, name
 
 
@@ -92,7 +94,9 @@ C4 = "COCO-Detection/faster_rcnn_acm_R_50_C4_1x.yaml"
 
 def test_c4_official_mode_uses_the_roi_head_res5_acms_whose_batch_is_the_regions():
     model, losses = train_losses(small_cfg(C4, "MODEL.ACM.ORTH_LOSS_MODE", "official"))
-    assert [n for n, _ in model.orth_loss.modules] == [f"roi_heads.res5.{i}.context" for i in range(3)]
+    assert [n for n, _ in model.orth_loss.modules] == [
+        f"roi_heads.res5.{i}.context" for i in range(3)
+    ]
     assert torch.isfinite(losses["loss_acm_orth"])
 
 
@@ -104,7 +108,9 @@ def test_c4_paper_mode_averages_each_module_over_its_own_batch():
 
 def test_official_mode_without_res5_acms_is_a_clear_error():
     # Detectron2's plain Res5ROIHeads: the ACM backbone stops at res4, so no ACM is in res5.
-    cfg = small_cfg(C4, "MODEL.ROI_HEADS.NAME", "Res5ROIHeads", "MODEL.ACM.ORTH_LOSS_MODE", "official")
+    cfg = small_cfg(
+        C4, "MODEL.ROI_HEADS.NAME", "Res5ROIHeads", "MODEL.ACM.ORTH_LOSS_MODE", "official"
+    )
     with pytest.raises(ValueError, match="ACMRes5ROIHeads"):
         build_model(cfg)
 

@@ -1,4 +1,5 @@
 """What importing acm_d2 does: the layers without Detectron2, registration with it; config.py is a leaf."""
+
 import ast
 import pathlib
 import subprocess
@@ -27,14 +28,20 @@ print("LAYERS-OK")
 
 
 def test_layers_work_without_detectron2():
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_DETECTRON2], capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_DETECTRON2],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "LAYERS-OK" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_import_registers_everything_with_detectron2():
-    import acm_d2  # noqa: F401
     from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
+    import acm_d2  # noqa: F401
     from acm_d2.modeling import CONTEXT_BACKBONES, CONTEXT_MODULE_REGISTRY
 
     assert set(CONTEXT_BACKBONES) <= {name for name, _ in BACKBONE_REGISTRY}
@@ -47,7 +54,12 @@ def test_config_imports_no_modeling_code():
     """config.py is the bottom of the stack: it imports the layers' constants, never acm_d2.modeling."""
     tree = ast.parse((REPO / "acm_d2" / "config.py").read_text())
     imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
-    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    ]
     assert not [m for m in imported if "modeling" in m], imported
 
 
@@ -62,5 +74,8 @@ def test_unknown_context_module_fails_at_build_naming_the_registered_ones():
     add_acm_config(cfg)
     cfg.MODEL.BACKBONE.NAME = "build_acm_resnet_backbone"
     cfg.MODEL.CONTEXT_MODULE = "SK"
-    with pytest.raises(ValueError, match=r"CONTEXT_MODULE = 'SK' is invalid; allowed: \['ACM', 'CC', 'GC', 'NL', 'SE', 'none'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"CONTEXT_MODULE = 'SK' is invalid; allowed: \['ACM', 'CC', 'GC', 'NL', 'SE', 'none'\]",
+    ):
         build_backbone(cfg)

@@ -1,5 +1,6 @@
 """python -m acm_d2.selftest on the CPU: its sections run, the JSON report is written after each one, the
 correctness checks pass (and can fail), and a failing section is recorded without stopping the run."""
+
 import json
 
 import pytest
@@ -16,16 +17,26 @@ def read(path):
 
 def test_cpu_sections_pass_and_write_the_report(tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert selftest.main(["--quick", "--sections", "env,correctness,layer", "--json", str(out)]) == 0
+    assert (
+        selftest.main(["--quick", "--sections", "env,correctness,layer", "--json", str(out)]) == 0
+    )
     report = read(out)
-    assert report["device"] == "cpu" and report["versions"]["torch"] == torch.__version__ and report["timestamp"]
+    assert (
+        report["device"] == "cpu"
+        and report["versions"]["torch"] == torch.__version__
+        and report["timestamp"]
+    )
     assert report["args"]["sections"] == ["env", "correctness", "layer"]
     sections = report["sections"]
     assert [s["status"] for s in sections.values()] == ["ok"] * 3
     assert sections["env"]["gpu_count"] == 0 and sections["env"]["detectron2"]
     correctness = sections["correctness"]
     # 3 variants x 2 group counts x 2 shapes x (fp32, bf16), torch backend, plus two memory layouts.
-    assert correctness["total"] == 26 and correctness["passed"] == 26 and correctness["backends"] == ["torch"]
+    assert (
+        correctness["total"] == 26
+        and correctness["passed"] == 26
+        and correctness["backends"] == ["torch"]
+    )
     assert {c["variant"] for c in correctness["checks"]} == {"full", "no_p", "no_q"}
     assert all(c["max_rel_err"]["dx"] < 1e-2 for c in correctness["checks"])
     layer = sections["layer"]
@@ -71,7 +82,12 @@ def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
 
 def test_correctness_comparison_fails_on_a_wrong_result():
     torch.manual_seed(0)
-    want = {"y": torch.randn(2, 8, 3, 3), "d": torch.randn(2), "dx": torch.randn(2, 8, 3, 3), "w": torch.randn(4)}
+    want = {
+        "y": torch.randn(2, 8, 3, 3),
+        "d": torch.randn(2),
+        "dx": torch.randn(2, 8, 3, 3),
+        "w": torch.randn(4),
+    }
     assert selftest._compare(dict(want), want, torch.float32)["passed"]
     wrong = dict(want, dx=want["dx"] * (1 + 1e-3))
     result = selftest._compare(wrong, want, torch.float32)
@@ -85,6 +101,10 @@ def test_unknown_section_is_refused():
 
 
 def test_acm_kernel_matcher():
-    assert is_acm_kernel("_fwd_reduce_kernel") and is_acm_kernel("_bwd_dx_kernel") and is_acm_kernel("acm_fused_fwd")
+    assert (
+        is_acm_kernel("_fwd_reduce_kernel")
+        and is_acm_kernel("_bwd_dx_kernel")
+        and is_acm_kernel("acm_fused_fwd")
+    )
     assert not is_acm_kernel("void at::native::vectorized_elementwise_kernel<4>")
     assert not is_acm_kernel("sm90_xmma_wgrad_implicit_gemm")

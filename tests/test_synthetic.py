@@ -1,5 +1,6 @@
 """The generated comparison dataset (acm_d2/data/synthetic.py): valid COCO, masks that match the boxes,
 deterministic for a seed, separate splits, and the documented class rule."""
+
 import filecmp
 import json
 import os
@@ -30,7 +31,9 @@ def test_mask_bbox_matches_annotation_bbox_within_one_pixel(tiny_dataset):
         ys, xs = np.nonzero(coco.annToMask(ann))
         x, y, w, h = ann["bbox"]
         mask_box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        np.testing.assert_allclose(mask_box, [x, y, x + w, y + h], atol=1.0, err_msg=f"annotation {ann['id']}")
+        np.testing.assert_allclose(
+            mask_box, [x, y, x + w, y + h], atol=1.0, err_msg=f"annotation {ann['id']}"
+        )
 
 
 def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
@@ -41,7 +44,9 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
     assert load(a) == load(b) and load(a) != load(c)
     names = sorted(os.listdir(a[1]))
     assert names == sorted(os.listdir(b[1]))
-    assert all(filecmp.cmp(os.path.join(a[1], n), os.path.join(b[1], n), shallow=False) for n in names)
+    assert all(
+        filecmp.cmp(os.path.join(a[1], n), os.path.join(b[1], n), shallow=False) for n in names
+    )
 
 
 def test_train_and_val_are_different_images_with_the_requested_counts(tmp_path):

@@ -1,4 +1,5 @@
 """tools/train_net.py killed at the worst moments, resumed, and run as several processes / "machines"."""
+
 import os
 import random
 import re
@@ -42,10 +43,20 @@ def popen_train_net(dataset, output_dir, *args, opts=(), wrapper=None, env=None)
     datasets = []
     for split, (json_file, image_root) in dataset.items():
         datasets += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
-    cmd = [sys.executable, *([wrapper] if wrapper else []), TRAIN_NET, "--config-file", CONFIG, *datasets, *args]
+    cmd = [
+        sys.executable,
+        *([wrapper] if wrapper else []),
+        TRAIN_NET,
+        "--config-file",
+        CONFIG,
+        *datasets,
+        *args,
+    ]
     cmd += [*SMALL, "OUTPUT_DIR", str(output_dir), *opts]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def assert_checkpoints_complete(output_dir):
@@ -63,8 +74,16 @@ def test_kill_9_while_saving_and_while_training_then_resume(tiny_dataset, tmp_pa
     wrapper.write_text(PAUSING_TRAIN_NET)
     out = tmp_path / "out"
     # 1. Killed while writing its third checkpoint (model_0000002.pth).
-    proc = popen_train_net(tiny_dataset, out, "SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "1",
-                           wrapper=str(wrapper), env={"PAUSE_AT": "3"})
+    proc = popen_train_net(
+        tiny_dataset,
+        out,
+        "SOLVER.MAX_ITER",
+        "10",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1",
+        wrapper=str(wrapper),
+        env={"PAUSE_AT": "3"},
+    )
     for line in proc.stdout:
         if "PAUSED-IN-SAVE" in line:
             break
@@ -72,22 +91,39 @@ def test_kill_9_while_saving_and_while_training_then_resume(tiny_dataset, tmp_pa
     proc.wait(timeout=60)
     assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000000.pth", "model_0000001.pth"]
     assert assert_checkpoints_complete(out) == "model_0000001.pth"
-    assert len(list(out.glob(".model_0000002.pth.*.tmp"))) == 1  # the half-written file, under a temporary name
+    assert (
+        len(list(out.glob(".model_0000002.pth.*.tmp"))) == 1
+    )  # the half-written file, under a temporary name
 
     # 2. Resumed, then killed at a random moment of training (after its first new checkpoint).
-    proc = popen_train_net(tiny_dataset, out, "--resume", "SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "1")
+    proc = popen_train_net(
+        tiny_dataset, out, "--resume", "SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "1"
+    )
     while not (out / "model_0000002.pth").exists() and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 1.5))
     proc.send_signal(signal.SIGKILL)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
-    assert "Starting training from iteration 2" in log and "Removed 1 incomplete checkpoint file" in log
-    last = assert_checkpoints_complete(out)  # a kill mid-save may also leave a .tmp: the next resume removes it
+    assert (
+        "Starting training from iteration 2" in log
+        and "Removed 1 incomplete checkpoint file" in log
+    )
+    last = assert_checkpoints_complete(
+        out
+    )  # a kill mid-save may also leave a .tmp: the next resume removes it
 
     # 3. Resumed again: continues after the last complete checkpoint and finishes.
     start = int(re.match(r"model_(\d+)\.pth", last).group(1)) + 1
-    log = run_train_net(tiny_dataset, out, "--resume", "SOLVER.MAX_ITER", str(start + 1), "SOLVER.CHECKPOINT_PERIOD", "1")
+    log = run_train_net(
+        tiny_dataset,
+        out,
+        "--resume",
+        "SOLVER.MAX_ITER",
+        str(start + 1),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1",
+    )
     assert f"Starting training from iteration {start}" in log
     assert (out / "model_final.pth").exists() and not list(out.glob(".*.tmp"))
     assert_checkpoints_complete(out)
@@ -101,8 +137,14 @@ def free_port():
 
 # Sampling that takes every anchor and proposal (so that which images a process draws random numbers
 # for does not matter) and exactly 10 proposals + 1 ground truth per image.
-ALL_SAMPLES = ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "4096", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512",
-               "MODEL.RPN.POST_NMS_TOPK_TRAIN", "10"]
+ALL_SAMPLES = [
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    "4096",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "512",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "10",
+]
 
 
 def history(path, term):
@@ -121,14 +163,29 @@ def test_two_machines_match_one_process_and_evaluate_alike(tmp_path_factory, tmp
     root = str(tmp_path_factory.mktemp("one_object"))
     dataset = generate_dataset(root, num_train=4, num_val=2, image_size=96, seed=0, max_objects=1)
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = popen_train_net(dataset, one, "SOLVER.MAX_ITER", "2", opts=[*ALL_SAMPLES, "DATASETS.TEST", "()"])
+    proc = popen_train_net(
+        dataset, one, "SOLVER.MAX_ITER", "2", opts=[*ALL_SAMPLES, "DATASETS.TEST", "()"]
+    )
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-3000:]
 
     port = free_port()
     procs = [
-        popen_train_net(dataset, two, "--num-machines", "2", "--machine-rank", str(rank), "--num-gpus", "1",
-                        "--dist-url", f"tcp://127.0.0.1:{port}", "SOLVER.MAX_ITER", "2", opts=ALL_SAMPLES)
+        popen_train_net(
+            dataset,
+            two,
+            "--num-machines",
+            "2",
+            "--machine-rank",
+            str(rank),
+            "--num-gpus",
+            "1",
+            "--dist-url",
+            f"tcp://127.0.0.1:{port}",
+            "SOLVER.MAX_ITER",
+            "2",
+            opts=ALL_SAMPLES,
+        )
         for rank in (0, 1)
     ]
     logs = [p.communicate(timeout=900)[0] for p in procs]
@@ -147,12 +204,20 @@ def test_two_machines_match_one_process_and_evaluate_alike(tmp_path_factory, tmp
         a, b = history(one / "model_final.pth", term), history(two / "model_final.pth", term)
         assert abs(a[0] - b[0]) <= 1e-5 * abs(a[0]), (term, a, b)
         assert abs(a[1] - b[1]) <= 1e-3 * abs(a[1]), (term, a, b)
-    a, b = history(one / "model_final.pth", "loss_acm_orth"), history(two / "model_final.pth", "loss_acm_orth")
+    a, b = (
+        history(one / "model_final.pth", "loss_acm_orth"),
+        history(two / "model_final.pth", "loss_acm_orth"),
+    )
     assert b[0] >= a[0] * (1 - 1e-6) and b[0] <= 1.5 * a[0], (a, b)
 
     # The 2-process evaluation (COCOEvaluator gathers the ranks' predictions) gives the AP of a
     # 1-process evaluation of the same weights.
-    log_eval = run_train_net(dataset, tmp_path / "eval", "--eval-only", opts=["MODEL.WEIGHTS", str(two / "model_final.pth")])
+    log_eval = run_train_net(
+        dataset,
+        tmp_path / "eval",
+        "--eval-only",
+        opts=["MODEL.WEIGHTS", str(two / "model_final.pth")],
+    )
     for task in ("bbox", "segm"):
         assert copypaste_ap(log, task) == copypaste_ap(log_eval, task)
 
@@ -183,8 +248,16 @@ def alive(pid):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_the_launcher_alone_stops_every_worker(tiny_dataset, tmp_path, signum):
     """As `timeout -s INT` or a job manager does: only the launcher of --num-gpus 2 gets the signal."""
-    proc = popen_train_net(tiny_dataset, tmp_path, "--num-gpus", "2", "SOLVER.MAX_ITER", "100000",
-                           "SOLVER.CHECKPOINT_PERIOD", "100000")
+    proc = popen_train_net(
+        tiny_dataset,
+        tmp_path,
+        "--num-gpus",
+        "2",
+        "SOLVER.MAX_ITER",
+        "100000",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100000",
+    )
     log = []
     for line in proc.stdout:
         log.append(line)
@@ -196,7 +269,9 @@ def test_signal_to_the_launcher_alone_stops_every_worker(tiny_dataset, tmp_path,
     log.append(proc.communicate(timeout=120)[0])
     assert proc.returncode == 128 + signum, "".join(log)[-3000:]
     assert f"{signum.name} received: stopping" in log[-1]
-    deadline = time.time() + 10  # the exit of a killed process (and its reaping by init) takes a moment
+    deadline = (
+        time.time() + 10
+    )  # the exit of a killed process (and its reaping by init) takes a moment
     while [pid for pid in workers if alive(pid)] and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if alive(pid)]

@@ -7,6 +7,7 @@ takes a representative subset (the widest and narrowest groups, fp32 and bf16, t
 the C4 ROI head); the full matrix of the issue (4 FPN levels + C4 ROI head + batch 1, G 8-128, fp32 /
 bf16 / fp16, sm_80 / sm_90) is the slow test.
 """
+
 import pytest
 
 pytest.importorskip("triton")
@@ -19,8 +20,10 @@ def _report(rows):
     for name, g, r in rows:
         if (name, g, r) not in seen:
             seen.append((name, g, r))
-            print(f"{name:<12} G{g:<4}{r.kernel:<20} sm_{r.arch} {r.dtype:<9} regs {r.registers:>3}  spill {r.spill_stores}/{r.spill_loads} B  "
-                  f"stack {r.stack}  smem {r.shared} B  warps {r.num_warps}")
+            print(
+                f"{name:<12} G{g:<4}{r.kernel:<20} sm_{r.arch} {r.dtype:<9} regs {r.registers:>3}  spill {r.spill_stores}/{r.spill_loads} B  "
+                f"stack {r.stack}  smem {r.shared} B  warps {r.num_warps}"
+            )
     return [(name, g, r) for name, g, r in seen if r.spill_stores or r.spill_loads or r.stack]
 
 
@@ -34,5 +37,11 @@ def test_kernels_compile_without_spills_representative():
 
 @pytest.mark.slow
 def test_kernels_compile_without_spills_full_matrix():
-    rows = aot.check_matrix(list(aot.SHAPES), list(aot.GROUPS), list(aot.DTYPES), list(aot.TARGETS), variants=("full", "no_p", "no_q"))
+    rows = aot.check_matrix(
+        list(aot.SHAPES),
+        list(aot.GROUPS),
+        list(aot.DTYPES),
+        list(aot.TARGETS),
+        variants=("full", "no_p", "no_q"),
+    )
     assert not _report(rows)

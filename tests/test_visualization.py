@@ -1,4 +1,5 @@
 """Attention maps (acm_d2/visualization, tools/visualize_attention.py) and loss curves on a tiny model."""
+
 import importlib.util
 import json
 import os
@@ -12,7 +13,13 @@ from detectron2.modeling import build_model
 from torch.nn import functional as F
 
 from acm_d2.layers import AttendAndCompare
-from acm_d2.visualization import acm_modules, capture_attention, plot_loss_curve, resolve_modules, select_groups
+from acm_d2.visualization import (
+    acm_modules,
+    capture_attention,
+    plot_loss_curve,
+    resolve_modules,
+    select_groups,
+)
 from conftest import REPO, small_cfg
 
 DEMO_CONFIG = "Demo/mask_rcnn_acm_R_18_FPN_synthetic.yaml"
@@ -20,7 +27,9 @@ TINY = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96]
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("visualize_attention", os.path.join(REPO, "tools", "visualize_attention.py"))
+    spec = importlib.util.spec_from_file_location(
+        "visualize_attention", os.path.join(REPO, "tools", "visualize_attention.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -42,9 +51,13 @@ def test_attention_maps_are_the_softmax_attention_of_the_module(variant):
     x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
     maps = m.attention_maps(x)
     assert sorted(maps) == (["K", "Q"] if variant == "full" else ["K"])
-    torch.testing.assert_close(maps["K"], softmax_reference(x, m.k_logits, 4), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        maps["K"], softmax_reference(x, m.k_logits, 4), rtol=1e-12, atol=1e-12
+    )
     if variant == "full":
-        torch.testing.assert_close(maps["Q"], softmax_reference(x, m.q_logits, 4), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            maps["Q"], softmax_reference(x, m.q_logits, 4), rtol=1e-12, atol=1e-12
+        )
     torch.testing.assert_close(maps["K"].sum((2, 3)), torch.ones(2, 4, dtype=torch.float64))
     assert AttendAndCompare(16, num_groups=4, variant="p_only").attention_maps(x.float()) == {}
 
@@ -67,7 +80,9 @@ def test_captured_maps_equal_a_direct_computation_on_the_module_input(tiny_model
         hook.remove()
     (x,) = inputs
     for head, conv in (("K", module.k_logits), ("Q", module.q_logits)):
-        np.testing.assert_allclose(raw[head], softmax_reference(x, conv, 8)[0].detach().numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            raw[head], softmax_reference(x, conv, 8)[0].detach().numpy(), rtol=1e-5, atol=1e-7
+        )
     full = capture_attention(tiny_model, image, [name], 64, 96)[name]
     assert full["K"].shape == (8, 64, 64)
     np.testing.assert_allclose(full["K"].sum(axis=(1, 2)), 1.0, rtol=1e-5)
@@ -107,13 +122,37 @@ def tool_setup(tiny_model, tiny_dataset, tmp_path_factory):
 
 
 def run_tool(config, weights, images, output, *extra, opts=()):
-    argv = ["--config-file", config, "--weights", weights, "--input", *images, "--output", str(output), "--device", "cpu", *extra]
+    argv = [
+        "--config-file",
+        config,
+        "--weights",
+        weights,
+        "--input",
+        *images,
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     load_tool().main(argv + ["--opts", "MODEL.ACM.NUM_GROUPS", "8", *map(str, TINY), *opts])
 
 
 def test_tool_writes_one_png_per_image_with_groups_by_overlap(tool_setup, capsys):
     config, weights, images, json_file, root = tool_setup
-    run_tool(config, weights, images, root / "by_overlap", "--annotations", json_file, "--top", "2", "--module", "res3.1", "res4.1")
+    run_tool(
+        config,
+        weights,
+        images,
+        root / "by_overlap",
+        "--annotations",
+        json_file,
+        "--top",
+        "2",
+        "--module",
+        "res3.1",
+        "res4.1",
+    )
     for path in images:
         assert (root / "by_overlap" / (os.path.basename(path)[:-4] + "_attention.png")).exists()
     assert "res3.1, res4.1, groups" in capsys.readouterr().out
@@ -124,7 +163,13 @@ def test_tool_writes_one_png_per_image_with_groups_by_overlap(tool_setup, capsys
 def test_tool_errors_name_the_problem(tool_setup, tmp_path):
     config, weights, images, _json_file, _root = tool_setup
     cases = [  # (weights, images, flags, opts, message)
-        (weights, [str(tmp_path / "missing.png")], (), (), "input image .*missing.png.* does not exist"),
+        (
+            weights,
+            [str(tmp_path / "missing.png")],
+            (),
+            (),
+            "input image .*missing.png.* does not exist",
+        ),
         (str(tmp_path / "none.pth"), images, (), (), "weights .*none.pth.* does not exist"),
         (weights, images, (), ("MODEL.CONTEXT_MODULE", "none"), "no ACM module"),
         (weights, images, ("--module", "res7.3"), (), "res7.3.*matches no ACM module"),
@@ -140,26 +185,53 @@ def _check_tool_errors(config, images, output, cases):
         assert re.search(message, str(exit_info.value)), str(exit_info.value)
 
 
-def test_tool_refuses_weights_that_leave_parameters_random_and_an_output_file(tool_setup, tiny_model, tmp_path):
+def test_tool_refuses_weights_that_leave_parameters_random_and_an_output_file(
+    tool_setup, tiny_model, tmp_path
+):
     """Weights without ACM parameters (a baseline checkpoint) or of another NUM_GROUPS would draw the maps
     of randomly initialised ACMs; the tool loads with train_net's checking loader and refuses them."""
     config, weights, images, _json_file, _root = tool_setup
     baseline = str(tmp_path / "baseline.pth")
-    torch.save({"model": {k: v for k, v in tiny_model.state_dict().items() if ".context." not in k}}, baseline)
+    torch.save(
+        {"model": {k: v for k, v in tiny_model.state_dict().items() if ".context." not in k}},
+        baseline,
+    )
     (tmp_path / "a_file").write_text("")
     cases = [
-        (baseline, images, (), (), r"baseline\.pth.*does not hold \d+ parameters.*context-module \(ACM\)"),
-        (weights, images, (), ("MODEL.ACM.NUM_GROUPS", "4"), r"model\.pth.*tensors have another shape.*context"),
+        (
+            baseline,
+            images,
+            (),
+            (),
+            r"baseline\.pth.*does not hold \d+ parameters.*context-module \(ACM\)",
+        ),
+        (
+            weights,
+            images,
+            (),
+            ("MODEL.ACM.NUM_GROUPS", "4"),
+            r"model\.pth.*tensors have another shape.*context",
+        ),
     ]
     _check_tool_errors(config, images, tmp_path / "out", cases)
     assert not (tmp_path / "out").exists()  # refused before anything was drawn
-    _check_tool_errors(config, images, tmp_path / "a_file", [(weights, images, (), (), r"--output .*a_file.* is a file")])
+    _check_tool_errors(
+        config,
+        images,
+        tmp_path / "a_file",
+        [(weights, images, (), (), r"--output .*a_file.* is a file")],
+    )
 
 
 def test_loss_curve_from_metrics_json(tmp_path):
     metrics = tmp_path / "metrics.json"
-    rows = [{"iteration": i, "total_loss": 2.0 / (i + 1), "loss_cls": 1.0 / (i + 1), "lr": 0.01} for i in range(0, 40, 20)]
-    metrics.write_text("\n".join(json.dumps(r) for r in rows + [{"iteration": 39, "bbox/AP": 1.0}]) + "\n")
+    rows = [
+        {"iteration": i, "total_loss": 2.0 / (i + 1), "loss_cls": 1.0 / (i + 1), "lr": 0.01}
+        for i in range(0, 40, 20)
+    ]
+    metrics.write_text(
+        "\n".join(json.dumps(r) for r in rows + [{"iteration": 39, "bbox/AP": 1.0}]) + "\n"
+    )
     assert plot_loss_curve(str(metrics), str(tmp_path / "loss.png")) == ["loss_cls", "total_loss"]
     assert cv2.imread(str(tmp_path / "loss.png")) is not None
     metrics.write_text(json.dumps({"iteration": 1, "lr": 0.1}) + "\n")

@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _load_build_wheelhouse():
-    spec = importlib.util.spec_from_file_location("build_wheelhouse", REPO / "scripts" / "build_wheelhouse.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_wheelhouse", REPO / "scripts" / "build_wheelhouse.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -40,7 +42,11 @@ GRAPH = _requires(
         "kiwisolver": [],
         "fonttools": ["brotli; extra == 'woff'"],
         "brotli": [],
-        "black": ["click>=8", "tomli>=1.1.0; python_version < '3.11'", "backport; python_version < '3.12'"],
+        "black": [
+            "click>=8",
+            "tomli>=1.1.0; python_version < '3.11'",
+            "backport; python_version < '3.12'",
+        ],
         "click": [],
         "tomli": [],
         "backport": [],
@@ -51,7 +57,19 @@ ROOTS = [Requirement(r) for r in ("fvcore>=0.1.5", "pycocotools>=2.0.2", "black"
 
 def test_closure_leaves_out_excluded_distributions_and_what_only_they_need():
     needed = bw.closure(ROOTS, GRAPH, {"matplotlib", "numpy"}, bw.marker_environment("3.12"))
-    assert needed == sorted(["fvcore", "yacs", "pyyaml", "iopath", "tqdm", "portalocker", "pycocotools", "black", "click"])
+    assert needed == sorted(
+        [
+            "fvcore",
+            "yacs",
+            "pyyaml",
+            "iopath",
+            "tqdm",
+            "portalocker",
+            "pycocotools",
+            "black",
+            "click",
+        ]
+    )
 
 
 def test_closure_evaluates_markers_for_the_target_python_not_this_one():
@@ -81,7 +99,9 @@ def test_refuses_a_non_empty_output_folder_before_building_anything(tmp_path):
 
 def test_install_detectron2_wheel_only_without_a_folder_prints_usage():
     result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "install_detectron2.sh"), "--wheel-only"], capture_output=True, text=True
+        ["bash", str(REPO / "scripts" / "install_detectron2.sh"), "--wheel-only"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert "usage: install_detectron2.sh [--wheel-only DIR] PYTHON" in result.stderr
@@ -90,11 +110,25 @@ def test_install_detectron2_wheel_only_without_a_folder_prints_usage():
 def test_make_wheelhouse_passes_its_variables_to_the_script():
     def dry_run(*variables):
         result = subprocess.run(
-            ["make", "-n", "wheelhouse", *variables], cwd=REPO, capture_output=True, text=True, check=True
+            ["make", "-n", "wheelhouse", *variables],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return " ".join(result.stdout.replace("\\\n", " ").split())
 
     default = dry_run()
-    assert "scripts/build_wheelhouse.py --output wheelhouse --exclude torch torchvision numpy pillow" in default
-    custom = dry_run("PYTHON_VERSION=3.12", "WHEELHOUSE=wheelhouse-gpu", "WHEELHOUSE_EXCLUDE=torch opencv-python-headless")
-    assert "--python-version 3.12 --output wheelhouse-gpu --exclude torch opencv-python-headless" in custom
+    assert (
+        "scripts/build_wheelhouse.py --output wheelhouse --exclude torch torchvision numpy pillow"
+        in default
+    )
+    custom = dry_run(
+        "PYTHON_VERSION=3.12",
+        "WHEELHOUSE=wheelhouse-gpu",
+        "WHEELHOUSE_EXCLUDE=torch opencv-python-headless",
+    )
+    assert (
+        "--python-version 3.12 --output wheelhouse-gpu --exclude torch opencv-python-headless"
+        in custom
+    )

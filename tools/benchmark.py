@@ -10,10 +10,13 @@ acm_d2/benchmark/model.py; its docstring says how the models are timed).
     python tools/benchmark.py --configs configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
         configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml --dtype bf16 --json bench.json
 """
+
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run from a checkout
 
 from acm_d2.benchmark.model import main  # noqa: E402
 

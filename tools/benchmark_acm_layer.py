@@ -6,10 +6,13 @@ The logic lives in acm_d2/benchmark/layer.py.
     python tools/benchmark_acm_layer.py                       # CUDA, 2x256x200x304 (res2 of an 800x1216 pair)
     python tools/benchmark_acm_layer.py --device cpu          # CPU, 2x256x50x76
 """
+
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run from a checkout
 
 from acm_d2.benchmark.layer import main  # noqa: E402
 

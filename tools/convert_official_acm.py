@@ -10,19 +10,22 @@ Reads a .pth (a dict with "model", or a bare state dict) or a Detectron2 .pkl; w
 "model" only (the optimizer and iteration of the authors' run are dropped, so training from it starts
 at iteration 0). The output is written to a temporary file and renamed, so it is never half-written.
 """
+
 import argparse
 import sys
 
 import torch
 
 from acm_d2.checkpoint.files import read_state_dict
-from acm_d2.utils.files import atomic_write, check_output_path
 from acm_d2.checkpoint.official import convert_official_state_dict
 from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
+from acm_d2.utils.files import atomic_write, check_output_path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", help="the authors' checkpoint (.pth or .pkl)")
     parser.add_argument("output", help="where to write the converted .pth")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
@@ -39,7 +42,10 @@ def main(argv=None):
     checkpoint = {"model": converted, "__author__": "acm_d2 tools/convert_official_acm.py"}
     atomic_write(args.output, lambda f: torch.save(checkpoint, f))
     num_acm = sum(".context." in k for k in converted)
-    print(f"wrote {args.output}: {len(converted)} tensors, {num_acm} of them ACM parameters", file=sys.stderr)
+    print(
+        f"wrote {args.output}: {len(converted)} tensors, {num_acm} of them ACM parameters",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

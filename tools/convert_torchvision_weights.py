@@ -12,28 +12,42 @@ the context modules (ACM, ...) and the heads stay as initialised. The tool print
 weights need (STRIDE_IN_1X1 False, torchvision's mean / std, depth and groups read from the tensors);
 see acm_d2/checkpoint/torchvision.py.
 """
+
 import argparse
 import pickle
 import sys
 
 from acm_d2.checkpoint.files import read_state_dict
-from acm_d2.utils.files import atomic_write, check_output_path
 from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
-from acm_d2.checkpoint.torchvision import INPUT_FORMATS, convert_torchvision_state_dict, torchvision_config
+from acm_d2.checkpoint.torchvision import (
+    INPUT_FORMATS,
+    convert_torchvision_state_dict,
+    torchvision_config,
+)
+from acm_d2.utils.files import atomic_write, check_output_path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="a torchvision state dict (.pth), e.g. from torchvision.models.resnet50(weights=...)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "input",
+        help="a torchvision state dict (.pth), e.g. from torchvision.models.resnet50(weights=...)",
+    )
     parser.add_argument("output", help="where to write the Detectron2 .pkl")
     parser.add_argument(
-        "--input-format", choices=INPUT_FORMATS, default="BGR",
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="BGR",
         help="the image channel order the model will be fed (INPUT.FORMAT); BGR, the default, reverses the first conv's input channels",
     )
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     args = parser.parse_args(argv)
     if not args.output.endswith(".pkl"):
-        raise SystemExit(f"error: {args.output}: the output must end in .pkl (Detectron2 reads the key-matching flag from .pkl files)")
+        raise SystemExit(
+            f"error: {args.output}: the output must end in .pkl (Detectron2 reads the key-matching flag from .pkl files)"
+        )
     try:
         check_output_path(args.output, args.input)
         state = read_state_dict(args.input, trusted=args.trust_checkpoint or None)

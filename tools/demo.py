@@ -11,6 +11,7 @@ log.txt, results.json, loss_curve.png, attention.png (ACM runs), and ends with t
 `demo: bbox AP=<x> segm AP=<y>`. --compare runs `none` and `ACM` each in its own process (own logs,
 own output folder <output>/<module>) on the same data, schedule and seed, and prints both.
 """
+
 import argparse
 import json
 import logging
@@ -23,7 +24,9 @@ import time
 import cv2
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run from a checkout
 
 from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset  # noqa: E402
 from acm_d2.utils.device import resolve_device  # noqa: E402
@@ -31,7 +34,10 @@ from acm_d2.visualization import attention as vis  # noqa: E402
 from acm_d2.visualization.curves import plot_loss_curve  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "Demo", "mask_rcnn_acm_R_18_FPN_synthetic.yaml"
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "configs",
+    "Demo",
+    "mask_rcnn_acm_R_18_FPN_synthetic.yaml",
 )
 
 logger = logging.getLogger("acm_d2.demo")
@@ -39,23 +45,48 @@ DATASET_PREFIX = "acm_synthetic"  # the config's DATASETS name <prefix>_train an
 
 
 def demo_argument_parser(default_config: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=default_config, help="the demo config (DATASETS must name acm_synthetic_*)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config-file",
+        default=default_config,
+        help="the demo config (DATASETS must name acm_synthetic_*)",
+    )
     p.add_argument("--output", default="output/demo", help="output folder")
-    p.add_argument("--compare", action="store_true", help="train without and with ACM, print both APs")
-    p.add_argument("--context-module", default="ACM", help="MODEL.CONTEXT_MODULE for a single run (ACM, none, SE, ...)")
-    p.add_argument("--data", default="", help="dataset folder (default <output>/data); regenerated, deterministic")
+    p.add_argument(
+        "--compare", action="store_true", help="train without and with ACM, print both APs"
+    )
+    p.add_argument(
+        "--context-module",
+        default="ACM",
+        help="MODEL.CONTEXT_MODULE for a single run (ACM, none, SE, ...)",
+    )
+    p.add_argument(
+        "--data",
+        default="",
+        help="dataset folder (default <output>/data); regenerated, deterministic",
+    )
     p.add_argument("--num-train", type=int, default=600, help="generated training images")
     p.add_argument("--num-val", type=int, default=100, help="generated validation images")
     p.add_argument("--image-size", type=int, default=128, help="generated image side, px (>= 48)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generator")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when available",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (CPU runs; default 1: on 2 shared cores a second intra-op thread was slower)",
     )
     p.add_argument("--vis-images", type=int, default=4, help="validation images in attention.png")
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs")
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs"
+    )
     return p
 
 
@@ -70,12 +101,22 @@ def run_demo(args) -> dict:
     start = time.perf_counter()
     output = os.path.abspath(args.output)
     data_dir = args.data or os.path.join(output, "data")
-    splits = generate_dataset(data_dir, args.num_train, args.num_val, args.image_size, args.data_seed)
+    splits = generate_dataset(
+        data_dir, args.num_train, args.num_val, args.image_size, args.data_seed
+    )
     register_synthetic_dataset(DATASET_PREFIX, splits)
     device = resolve_device(args.device)
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    opts = ["OUTPUT_DIR", output, "MODEL.DEVICE", device, "MODEL.CONTEXT_MODULE", args.context_module, *args.opts]
+    opts = [
+        "OUTPUT_DIR",
+        output,
+        "MODEL.DEVICE",
+        device,
+        "MODEL.CONTEXT_MODULE",
+        args.context_module,
+        *args.opts,
+    ]
     cfg = setup(argparse.Namespace(config_file=args.config_file, opts=opts, eval_only=False))
     data_s = time.perf_counter() - start
 
@@ -90,20 +131,32 @@ def run_demo(args) -> dict:
     try:
         vis.acm_modules(model)
     except ValueError:
-        logger.info("no ACM in this model (MODEL.CONTEXT_MODULE %s): no attention.png", args.context_module)
+        logger.info(
+            "no ACM in this model (MODEL.CONTEXT_MODULE %s): no attention.png", args.context_module
+        )
     else:
-        save_val_attention(model, cfg, splits["val"], os.path.join(output, "attention.png"), args.vis_images)
+        save_val_attention(
+            model, cfg, splits["val"], os.path.join(output, "attention.png"), args.vis_images
+        )
     results.update(
-        context_module=args.context_module, device=device, data_seconds=round(data_s, 1),
-        train_eval_seconds=round(train_eval_s, 1), total_seconds=round(time.perf_counter() - start, 1),
+        context_module=args.context_module,
+        device=device,
+        data_seconds=round(data_s, 1),
+        train_eval_seconds=round(train_eval_s, 1),
+        total_seconds=round(time.perf_counter() - start, 1),
     )
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"demo: bbox AP={_results_ap(results, 'bbox'):.2f} segm AP={_results_ap(results, 'segm'):.2f}", flush=True)
+    print(
+        f"demo: bbox AP={_results_ap(results, 'bbox'):.2f} segm AP={_results_ap(results, 'segm'):.2f}",
+        flush=True,
+    )
     return results
 
 
-def save_val_attention(model, cfg, val_split, output_png: str, num_images: int, module: str = "") -> None:
+def save_val_attention(
+    model, cfg, val_split, output_png: str, num_images: int, module: str = ""
+) -> None:
     """The paper's Fig. 4 for the first `num_images` validation images: one module (default: the last of
     res4) and the one group whose K or Q maps overlap the ground-truth masks most on these images."""
     from pycocotools.coco import COCO
@@ -116,7 +169,9 @@ def save_val_attention(model, cfg, val_split, output_png: str, num_images: int, 
         info = coco.loadImgs(image_id)[0]
         image = cv2.imread(os.path.join(image_root, info["file_name"]))
         mask = vis.ground_truth_mask(coco, image_id)
-        maps = vis.capture_attention(model, image, [name], cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)[name]
+        maps = vis.capture_attention(
+            model, image, [name], cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+        )[name]
         rows.append({"image": image, "maps": maps, "mask": mask, "label": info["file_name"]})
     group = vis.select_groups([r["maps"] for r in rows], [r["mask"] for r in rows], top=1)[0]
     for row in rows:
@@ -130,13 +185,34 @@ def run_compare(args) -> dict:
     output = os.path.abspath(args.output)
     data_dir = args.data or os.path.join(output, "data")
     shared = [
-        "--config-file", args.config_file, "--data", data_dir, "--num-train", str(args.num_train),
-        "--num-val", str(args.num_val), "--image-size", str(args.image_size), "--data-seed", str(args.data_seed),
-        "--device", args.device, "--threads", str(args.threads), "--vis-images", str(args.vis_images),
+        "--config-file",
+        args.config_file,
+        "--data",
+        data_dir,
+        "--num-train",
+        str(args.num_train),
+        "--num-val",
+        str(args.num_val),
+        "--image-size",
+        str(args.image_size),
+        "--data-seed",
+        str(args.data_seed),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--vis-images",
+        str(args.vis_images),
     ]
     results = {}
     for module in ("none", "ACM"):
-        cmd = [sys.executable, os.path.abspath(__file__), *shared, "--output", os.path.join(output, module)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            *shared,
+            "--output",
+            os.path.join(output, module),
+        ]
         cmd += ["--context-module", module, *args.opts]
         subprocess.run(cmd, check=True)
         with open(os.path.join(output, module, "results.json")) as f:
@@ -147,15 +223,29 @@ def run_compare(args) -> dict:
 
 def format_comparison(results: dict) -> str:
     """A table (one row per context module) and one summary line."""
-    cols = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75")]
+    cols = [
+        ("bbox", "AP"),
+        ("bbox", "AP50"),
+        ("bbox", "AP75"),
+        ("segm", "AP"),
+        ("segm", "AP50"),
+        ("segm", "AP75"),
+    ]
     head = "| context module | " + " | ".join(f"{t} {m}" for t, m in cols) + " | train+eval s |"
-    lines = ["demo-compare (same data, config, schedule and seed):", head, "|" + "---|" * (len(cols) + 2)]
+    lines = [
+        "demo-compare (same data, config, schedule and seed):",
+        head,
+        "|" + "---|" * (len(cols) + 2),
+    ]
     for module, r in results.items():
         values = " | ".join(f"{_results_ap(r, t, m):.2f}" for t, m in cols)
         lines.append(f"| {module} | {values} | {r.get('train_eval_seconds', math.nan):.0f} |")
     lines.append(
         "demo-compare: "
-        + "  ".join(f"{m}: bbox AP={_results_ap(r, 'bbox'):.2f} segm AP={_results_ap(r, 'segm'):.2f}" for m, r in results.items())
+        + "  ".join(
+            f"{m}: bbox AP={_results_ap(r, 'bbox'):.2f} segm AP={_results_ap(r, 'segm'):.2f}"
+            for m, r in results.items()
+        )
     )
     return "\n".join(lines)
 

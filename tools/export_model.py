@@ -11,11 +11,14 @@ Writes OUTPUT/model.ts (torchscript) or OUTPUT/model.onnx. The files need neithe
 detectron2 to run (a traced or ONNX model needs torchvision's ops or onnxruntime, as a stock Detectron2
 model does). Exit status 1 when the exported model's outputs differ from eager by more than --tolerance.
 """
+
 import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run from a checkout
 
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
@@ -37,20 +40,46 @@ from acm_d2.export import (  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="a yaml config (acm_d2 or stock Detectron2)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="a yaml config (acm_d2 or stock Detectron2)",
+    )
     parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
-    parser.add_argument("--export-method", choices=["tracing", "scripting"], default="tracing",
-                        help="scripting: torchscript only (ONNX export traces)")
-    parser.add_argument("--sample-image", metavar="FILE",
-                        help="image to trace with and to check on; default: random noise of INPUT.MIN_SIZE_TEST px, "
-                        "which checks the export but traces one arbitrary image size")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for model.ts / model.onnx")
-    parser.add_argument("--opset", type=int, default=STABLE_ONNX_OPSET_VERSION,
-                        help=f"ONNX opset (default {STABLE_ONNX_OPSET_VERSION}, Detectron2's; 16+ exports ROIAlignV2 exactly)")
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="largest accepted absolute difference to eager (boxes are in pixels; default 0.05)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--export-method",
+        choices=["tracing", "scripting"],
+        default="tracing",
+        help="scripting: torchscript only (ONNX export traces)",
+    )
+    parser.add_argument(
+        "--sample-image",
+        metavar="FILE",
+        help="image to trace with and to check on; default: random noise of INPUT.MIN_SIZE_TEST px, "
+        "which checks the export but traces one arbitrary image size",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="folder for model.ts / model.onnx"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=STABLE_ONNX_OPSET_VERSION,
+        help=f"ONNX opset (default {STABLE_ONNX_OPSET_VERSION}, Detectron2's; 16+ exports ROIAlignV2 exactly)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="largest accepted absolute difference to eager (boxes are in pixels; default 0.05)",
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
+    )
     args = parser.parse_args(argv)
     if args.format == "onnx" and args.export_method == "scripting":
         parser.error("--format onnx exports by tracing: use --export-method tracing")
@@ -74,7 +103,11 @@ def sample_image(cfg, path):
         size = cfg.INPUT.MIN_SIZE_TEST
         return torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)) * 255
     image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
-    image = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST).get_transform(image).apply_image(image)
+    image = (
+        T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        .get_transform(image)
+        .apply_image(image)
+    )
     return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
 
 
@@ -89,7 +122,9 @@ def export(args, cfg, model, image):
         expected = scripted_outputs(model, image)
         (actual,) = torch.jit.load(path)(({"image": image},))
         if sorted(actual) != sorted(expected):
-            raise SystemExit(f"the scripted model returns fields {sorted(actual)}, the eager one {sorted(expected)}")
+            raise SystemExit(
+                f"the scripted model returns fields {sorted(actual)}, the eager one {sorted(expected)}"
+            )
         return path, [expected[k] for k in sorted(expected)], [actual[k] for k in sorted(expected)]
     traceable = traceable_model(model, image)
     with torch.no_grad():
@@ -116,7 +151,9 @@ def main(argv=None) -> int:
     path, expected, actual = export(args, cfg, model, sample_image(cfg, args.sample_image))
     difference = max_difference(expected, actual)
     print(f"exported {args.format} ({args.export_method}) to {path}")
-    print(f"max abs difference to eager on the sample: {difference:.3g} (over {len(expected)} outputs)")
+    print(
+        f"max abs difference to eager on the sample: {difference:.3g} (over {len(expected)} outputs)"
+    )
     if difference > args.tolerance:
         print(f"error: the difference exceeds --tolerance {args.tolerance}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ restarts at a resume (the config's own dataloader, not acm_d2's resumable one, s
 resume differ from an uninterrupted run's), and a run killed while writing model_final.pth is not
 completed by --resume.
 """
+
 import logging
 
 from detectron2.config import instantiate
@@ -26,8 +27,14 @@ from detectron2.utils import comm
 import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, also in spawned workers)
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
 from acm_d2.engine import (
-    ExactResumeHook, argument_parser, build_step_trainer, create_ddp_model_any_device, launch, load_weights_for_evaluation,
-    register_datasets, setup_lazy,
+    ExactResumeHook,
+    argument_parser,
+    build_step_trainer,
+    create_ddp_model_any_device,
+    launch,
+    load_weights_for_evaluation,
+    register_datasets,
+    setup_lazy,
 )
 
 logger = logging.getLogger("acm_d2")
@@ -35,7 +42,9 @@ logger = logging.getLogger("acm_d2")
 
 def evaluate(cfg, model):
     """COCO AP of `model` on dataloader.test with dataloader.evaluator (printed, and returned)."""
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -47,20 +56,31 @@ def train(cfg, resume: bool):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     model = create_ddp_model_any_device(model, **cfg.train.ddp)
-    trainer = build_step_trainer(model, instantiate(cfg.dataloader.train), optimizer, amp=cfg.train.amp.enabled)
-    seed = cfg.train.get("seed", -1)  # Detectron2's common/train.py has none: then one drawn for all ranks
+    trainer = build_step_trainer(
+        model, instantiate(cfg.dataloader.train), optimizer, amp=cfg.train.amp.enabled
+    )
+    seed = cfg.train.get(
+        "seed", -1
+    )  # Detectron2's common/train.py has none: then one drawn for all ranks
     resume_hook = ExactResumeHook(seed if seed >= 0 else comm.shared_random_seed())
     # The trainer's state (saved with the checkpoint) holds its hooks' state, ExactResumeHook's seed and history.
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
+    checkpointer = AtomicCheckpointer(
+        model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer
+    )
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
             resume_hook,
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if main_process
+            else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model)),
-            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
             if main_process
             else None,
         ]
@@ -77,14 +97,23 @@ def main(args):
     if not args.eval_only:
         return train(cfg, args.resume)
     model = create_ddp_model_any_device(instantiate(cfg.model).to(cfg.train.device))
-    load_weights_for_evaluation(model, cfg.train.init_checkpoint, cfg.train.output_dir, args, "train.init_checkpoint")
+    load_weights_for_evaluation(
+        model, cfg.train.init_checkpoint, cfg.train.output_dir, args, "train.init_checkpoint"
+    )
     return evaluate(cfg, model)
 
 
 def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ configs, without the webcam and video modes.
 score, segmentation as RLE), each with the file_name it came from. An input that cannot be read is
 reported by name and skipped; the exit status is then 1.
 """
+
 import argparse
 import glob
 import json
@@ -18,7 +19,9 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run from a checkout
 
 import torch  # noqa: E402
 import tqdm  # noqa: E402
@@ -48,20 +51,40 @@ class Predictor(DefaultPredictor):
         self.model = build_model(self.cfg).eval()
         if cfg.MODEL.WEIGHTS:
             AtomicCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.aug = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"cfg.INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True, help="image files, folders (their images) or glob patterns")
-    parser.add_argument("--output", metavar="DIR", help="folder for the images with their detections drawn")
-    parser.add_argument("--json", metavar="FILE", help="write the detections as COCO-format results")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of a shown or written detection")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="image files, folders (their images) or glob patterns",
+    )
+    parser.add_argument(
+        "--output", metavar="DIR", help="folder for the images with their detections drawn"
+    )
+    parser.add_argument(
+        "--json", metavar="FILE", help="write the detections as COCO-format results"
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="minimum score of a shown or written detection",
+    )
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
+    )
     args = parser.parse_args(argv)
     if not args.output and not args.json:
         parser.error("nothing to write: give --output, --json or both")
@@ -89,7 +112,11 @@ def expand_inputs(patterns):
     paths, unmatched = [], []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                os.path.join(pattern, f)
+                for f in os.listdir(pattern)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
         elif os.path.exists(pattern):
             found = [pattern]
         else:
@@ -106,11 +133,15 @@ def main(argv=None) -> int:
     cfg = setup_cfg(args)
     paths, failed = expand_inputs(args.input)
     for pattern in failed:
-        logger.error(f"--input {pattern!r}: no such file or folder, and no image matches it as a pattern")
+        logger.error(
+            f"--input {pattern!r}: no such file or folder, and no image matches it as a pattern"
+        )
     predictor = Predictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     # Results name the dataset's category ids when the test set has them (COCO), else the model's class indices.
-    to_dataset_id = {v: k for k, v in getattr(metadata, "thing_dataset_id_to_contiguous_id", {}).items()}
+    to_dataset_id = {
+        v: k for k, v in getattr(metadata, "thing_dataset_id_to_contiguous_id", {}).items()
+    }
     if args.output:
         os.makedirs(args.output, exist_ok=True)
     results, predicted = [], 0
@@ -121,15 +152,21 @@ def main(argv=None) -> int:
             logger.error(f"cannot read image {path!r} ({type(error).__name__}: {error}); skipped")
             failed.append(path)
             continue
-        instances = predictor(image)["instances"].to("cpu")  # DefaultPredictor takes BGR and converts
+        instances = predictor(image)["instances"].to(
+            "cpu"
+        )  # DefaultPredictor takes BGR and converts
         predicted += 1
         if args.json:
             for detection in instances_to_coco_json(instances, image_id):
-                detection["category_id"] = to_dataset_id.get(detection["category_id"], detection["category_id"])
+                detection["category_id"] = to_dataset_id.get(
+                    detection["category_id"], detection["category_id"]
+                )
                 detection["file_name"] = path
                 results.append(detection)
         if args.output:
-            drawn = Visualizer(image[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
+            drawn = Visualizer(
+                image[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE
+            ).draw_instance_predictions(instances)
             drawn.save(os.path.join(args.output, os.path.basename(path)))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

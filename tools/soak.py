@@ -14,6 +14,7 @@ tensors, growing histories) over a few hundred iterations shows up as a steady c
 while allocator noise does not. Only this process is measured (use --num-workers 0, the default, so
 that data loading runs in it too). Exit status 1 when the criterion fails or evaluation gives no AP.
 """
+
 import argparse
 import ctypes
 import gc
@@ -34,15 +35,55 @@ import acm_d2  # noqa: E402
 from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset  # noqa: E402
 from acm_d2.engine import Trainer  # noqa: E402
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml")
+CONFIG = os.path.join(
+    os.path.dirname(__file__),
+    "..",
+    "configs",
+    "COCO-InstanceSegmentation",
+    "mask_rcnn_acm_R_50_FPN_1x.yaml",
+)
 # From random weights the frozen-BN trunk diverges; GroupNorm R-18 at 96 px trains on a CPU.
 SMALL = [
-    "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN", "MODEL.RESNETS.DEPTH", 18,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.FPN.OUT_CHANNELS", 64, "MODEL.ROI_HEADS.NUM_CLASSES", 2,
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100, "MODEL.RPN.POST_NMS_TOPK_TEST", 100, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
-    "INPUT.MIN_SIZE_TRAIN", (96,), "INPUT.MAX_SIZE_TRAIN", 96, "INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 96,
-    "SOLVER.IMS_PER_BATCH", 2, "SOLVER.BASE_LR", 0.005, "SOLVER.STEPS", (), "SOLVER.WARMUP_ITERS", 20,
-    "TEST.EVAL_PERIOD", 0, "SEED", 0,
+    "MODEL.WEIGHTS",
+    "",
+    "MODEL.RESNETS.NORM",
+    "GN",
+    "MODEL.FPN.NORM",
+    "GN",
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.FPN.OUT_CHANNELS",
+    64,
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    2,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    100,
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    100,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    64,
+    "INPUT.MIN_SIZE_TRAIN",
+    (96,),
+    "INPUT.MAX_SIZE_TRAIN",
+    96,
+    "INPUT.MIN_SIZE_TEST",
+    96,
+    "INPUT.MAX_SIZE_TEST",
+    96,
+    "SOLVER.IMS_PER_BATCH",
+    2,
+    "SOLVER.BASE_LR",
+    0.005,
+    "SOLVER.STEPS",
+    (),
+    "SOLVER.WARMUP_ITERS",
+    20,
+    "TEST.EVAL_PERIOD",
+    0,
+    "SEED",
+    0,
 ]
 
 
@@ -79,7 +120,9 @@ def growth(samples, warmup: int):
     """(median RSS of the first quarter, of the last quarter) of the samples after `warmup`, in MiB."""
     kept = [m for it, m in samples if it >= warmup]
     if len(kept) < 8:
-        raise ValueError(f"only {len(kept)} memory samples after warm-up; run more iterations or sample more often")
+        raise ValueError(
+            f"only {len(kept)} memory samples after warm-up; run more iterations or sample more often"
+        )
     q = len(kept) // 4
     return statistics.median(kept[:q]), statistics.median(kept[-q:])
 
@@ -87,51 +130,96 @@ def growth(samples, warmup: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=300, help="training iterations (default 300)")
-    parser.add_argument("--warmup", type=int, default=60, help="iterations ignored by the memory check")
-    parser.add_argument("--sample-every", type=int, default=5, help="iterations between RSS samples")
-    parser.add_argument("--max-growth-mib", type=float, default=64.0, help="allowed RSS growth after warm-up")
+    parser.add_argument(
+        "--warmup", type=int, default=60, help="iterations ignored by the memory check"
+    )
+    parser.add_argument(
+        "--sample-every", type=int, default=5, help="iterations between RSS samples"
+    )
+    parser.add_argument(
+        "--max-growth-mib", type=float, default=64.0, help="allowed RSS growth after warm-up"
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers (not measured)")
-    parser.add_argument("--output-dir", default=None, help="dataset, checkpoints, metrics (default: a temp folder)")
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="data-loader workers (not measured)"
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="dataset, checkpoints, metrics (default: a temp folder)"
+    )
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
 
     output = args.output_dir or tempfile.mkdtemp(prefix="acm_d2_soak_")
     setup_logger(output)
     setup_logger(output, name="acm_d2")
-    splits = generate_dataset(os.path.join(output, "data"), num_train=64, num_val=16, image_size=96, seed=0)
+    splits = generate_dataset(
+        os.path.join(output, "data"), num_train=64, num_val=16, image_size=96, seed=0
+    )
     train_name, val_name = register_synthetic_dataset("soak", splits)
     cfg = get_cfg()
     acm_d2.add_acm_config(cfg)
     cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(SMALL + [
-        "MODEL.DEVICE", args.device, "SOLVER.MAX_ITER", args.iters, "SOLVER.CHECKPOINT_PERIOD", max(args.iters // 3, 1),
-        "DATALOADER.NUM_WORKERS", args.num_workers, "DATASETS.TRAIN", (train_name,), "DATASETS.TEST", (val_name,),
-        "OUTPUT_DIR", output,
-    ])
+    cfg.merge_from_list(
+        SMALL
+        + [
+            "MODEL.DEVICE",
+            args.device,
+            "SOLVER.MAX_ITER",
+            args.iters,
+            "SOLVER.CHECKPOINT_PERIOD",
+            max(args.iters // 3, 1),
+            "DATALOADER.NUM_WORKERS",
+            args.num_workers,
+            "DATASETS.TRAIN",
+            (train_name,),
+            "DATASETS.TEST",
+            (val_name,),
+            "OUTPUT_DIR",
+            output,
+        ]
+    )
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)
     watch = MemoryWatch(args.sample_every)
     trainer.register_hooks([watch])
     trainer.resume_or_load(resume=False)
     trainer.train()  # ends with the COCO evaluation of DATASETS.TEST
-    results = getattr(trainer, "_last_eval_results", None)  # DefaultTrainer keeps the final evaluation there
+    results = getattr(
+        trainer, "_last_eval_results", None
+    )  # DefaultTrainer keeps the final evaluation there
 
     first, last = growth(watch.samples, args.warmup)
-    results = results.get(val_name, results) if results else {}  # one test set: Detectron2 unwraps it
+    results = (
+        results.get(val_name, results) if results else {}
+    )  # one test set: Detectron2 unwraps it
     ap = {task: results[task]["AP"] for task in ("bbox", "segm") if task in results}
     ok_memory = last - first <= args.max_growth_mib
     ok_eval = bool(ap) and all(v == v for v in ap.values())  # AP present and not NaN
-    print("\n| iterations | RSS after warm-up (MiB) | RSS at the end (MiB) | growth (MiB) | allowed | bbox AP | segm AP |")
+    print(
+        "\n| iterations | RSS after warm-up (MiB) | RSS at the end (MiB) | growth (MiB) | allowed | bbox AP | segm AP |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {args.iters} | {first:.1f} | {last:.1f} | {last - first:+.1f} | {args.max_growth_mib:g} | "
-          f"{ap.get('bbox', float('nan')):.2f} | {ap.get('segm', float('nan')):.2f} |")
+    print(
+        f"| {args.iters} | {first:.1f} | {last:.1f} | {last - first:+.1f} | {args.max_growth_mib:g} | "
+        f"{ap.get('bbox', float('nan')):.2f} | {ap.get('segm', float('nan')):.2f} |"
+    )
     print("PASS" if ok_memory and ok_eval else "FAIL")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"iters": args.iters, "rss_samples_mib": watch.samples, "rss_first_mib": first,
-                       "rss_last_mib": last, "max_growth_mib": args.max_growth_mib, "ap": ap,
-                       "passed": ok_memory and ok_eval, "torch": torch.__version__}, f, indent=1)
+            json.dump(
+                {
+                    "iters": args.iters,
+                    "rss_samples_mib": watch.samples,
+                    "rss_first_mib": first,
+                    "rss_last_mib": last,
+                    "max_growth_mib": args.max_growth_mib,
+                    "ap": ap,
+                    "passed": ok_memory and ok_eval,
+                    "torch": torch.__version__,
+                },
+                f,
+                indent=1,
+            )
     return 0 if ok_memory and ok_eval else 1
 
 

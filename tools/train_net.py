@@ -1,15 +1,23 @@
 #!/usr/bin/env python
 """Train or evaluate a Detectron2 model with an ACM backbone (or any Detectron2 model).
 
-    python tools/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml --num-gpus 8
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
-    python tools/train_net.py --config-file ... --coco-dataset my_train train.json images/ DATASETS.TRAIN '("my_train",)'
+python tools/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml --num-gpus 8
+python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+python tools/train_net.py --config-file ... --coco-dataset my_train train.json images/ DATASETS.TRAIN '("my_train",)'
 """
+
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, also in spawned workers)
-from acm_d2.engine import Trainer, argument_parser, launch, load_weights_for_evaluation, register_datasets, setup
+from acm_d2.engine import (
+    Trainer,
+    argument_parser,
+    launch,
+    load_weights_for_evaluation,
+    register_datasets,
+    setup,
+)
 
 
 def main(args):

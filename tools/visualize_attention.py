@@ -10,11 +10,14 @@ K and Q maps overlaid. Groups: --group, else with --annotations (a COCO JSON hol
 file name) the --top groups whose K or Q map overlaps the ground-truth masks most (as the paper chooses),
 else every group. Module: --module (a full name or a suffix such as res4.1), else the last ACM of res4.
 """
+
 import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run from a checkout
 
 import cv2  # noqa: E402
 
@@ -22,16 +25,36 @@ import cv2  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config-file", required=True)
-    p.add_argument("--weights", required=True, help="a checkpoint of that config (e.g. model_final.pth)")
+    p.add_argument(
+        "--weights", required=True, help="a checkpoint of that config (e.g. model_final.pth)"
+    )
     p.add_argument("--input", nargs="+", required=True, help="image files")
     p.add_argument("--output", required=True, help="folder for the PNGs")
-    p.add_argument("--module", nargs="+", default=None, help="ACM module names or suffixes (default: last of res4)")
+    p.add_argument(
+        "--module",
+        nargs="+",
+        default=None,
+        help="ACM module names or suffixes (default: last of res4)",
+    )
     p.add_argument("--group", nargs="+", type=int, default=None, help="group indices to show")
-    p.add_argument("--annotations", default=None, help="COCO JSON with the images: pick groups by GT overlap")
-    p.add_argument("--top", type=int, default=2, help="groups to show per module when picking by overlap")
+    p.add_argument(
+        "--annotations", default=None, help="COCO JSON with the images: pick groups by GT overlap"
+    )
+    p.add_argument(
+        "--top", type=int, default=2, help="groups to show per module when picking by overlap"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--trust-checkpoint", action="store_true", help="read --weights with the plain, code-running unpickler (only for a file you trust)")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs (last)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read --weights with the plain, code-running unpickler (only for a file you trust)",
+    )
+    p.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides, KEY VALUE pairs (last)",
+    )
     return p.parse_args(argv)
 
 
@@ -58,11 +81,17 @@ def ground_truth_masks(json_file, image_paths):
 
 def main(argv=None):
     args = parse_args(argv)
-    for label, path in [("config file", args.config_file), ("weights", args.weights), ("annotations", args.annotations)]:
+    for label, path in [
+        ("config file", args.config_file),
+        ("weights", args.weights),
+        ("annotations", args.annotations),
+    ]:
         if path is not None and not os.path.isfile(path):
             fail(f"{label} {path!r} does not exist")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
-        fail(f"--output {args.output!r} is a file; give a folder (it receives one <image name>_attention.png per image)")
+        fail(
+            f"--output {args.output!r} is a file; give a folder (it receives one <image name>_attention.png per image)"
+        )
     images = {}
     for path in args.input:
         image = cv2.imread(path) if os.path.isfile(path) else None
@@ -103,7 +132,9 @@ def main(argv=None):
     except OSError as error:
         fail(f"cannot create the --output folder {args.output!r}: {error.strerror}")
     for path, image in images.items():
-        maps = vis.capture_attention(model, image, names, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        maps = vis.capture_attention(
+            model, image, names, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+        )
         rows = []
         for name in names:
             num_groups = next(iter(maps[name].values())).shape[0]
@@ -117,10 +148,23 @@ def main(argv=None):
             else:
                 groups = range(num_groups)
             label = vis.short_name(name)
-            rows += [{"image": image, "maps": maps[name], "group": g, "mask": masks.get(path), "label": label} for g in groups]
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
+            rows += [
+                {
+                    "image": image,
+                    "maps": maps[name],
+                    "group": g,
+                    "mask": masks.get(path),
+                    "label": label,
+                }
+                for g in groups
+            ]
+        out = os.path.join(
+            args.output, os.path.splitext(os.path.basename(path))[0] + "_attention.png"
+        )
         vis.render_attention(out, rows, title=os.path.basename(path))
-        print(f"{out}: {', '.join(sorted({r['label'] for r in rows}))}, groups {[r['group'] for r in rows]}")
+        print(
+            f"{out}: {', '.join(sorted({r['label'] for r in rows}))}, groups {[r['group'] for r in rows]}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The floor is the time to move the bytes that any implementation must move, at th
 measured on the device (`copy_bandwidth_gbs`): forward one read of x and one write of y (2 x bytes of
 x); forward+backward adds one read each of x and dy and one write of dx (5 x bytes of x).
 """
+
 import argparse
 import collections
 import json
@@ -19,8 +20,17 @@ import torch
 from ..layers.acm import ACM_VARIANTS, AttendAndCompare
 
 __all__ = [
-    "IMPLS", "R50_FPN_SHAPES", "make_modules", "make_step", "bench_ms", "copy_bandwidth_gbs", "floor_ms",
-    "count_launches_and_syncs", "benchmark_layer", "print_rows", "main",
+    "IMPLS",
+    "R50_FPN_SHAPES",
+    "make_modules",
+    "make_step",
+    "bench_ms",
+    "copy_bandwidth_gbs",
+    "floor_ms",
+    "count_launches_and_syncs",
+    "benchmark_layer",
+    "print_rows",
+    "main",
 ]
 
 IMPLS = ("reference", "fused")
@@ -37,20 +47,28 @@ R50_FPN_SHAPES = {
 LAUNCH_CALL = "LaunchKernel"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 _RUNTIME_CALL = re.compile(r"^cu(da)?[A-Z]")
-_L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2, so every timed call starts with a cold cache
+_L2_FLUSH_BYTES = (
+    256 * 2**20
+)  # larger than any GPU's L2, so every timed call starts with a cold cache
 
 
-def make_modules(shape: Sequence[int], groups: int = 32, variant: str = "full", device="cpu", impls=IMPLS) -> Dict[str, AttendAndCompare]:
+def make_modules(
+    shape: Sequence[int], groups: int = 32, variant: str = "full", device="cpu", impls=IMPLS
+) -> Dict[str, AttendAndCompare]:
     """One AttendAndCompare per impl, with the same (seeded) weights."""
     modules = {}
     for impl in impls:
-        modules[impl] = AttendAndCompare(shape[1], num_groups=groups, variant=variant, impl=impl).to(device)
+        modules[impl] = AttendAndCompare(
+            shape[1], num_groups=groups, variant=variant, impl=impl
+        ).to(device)
         if impl != impls[0]:
             modules[impl].load_state_dict(modules[impls[0]].state_dict())
     return modules
 
 
-def make_step(module: AttendAndCompare, x: torch.Tensor, dy: torch.Tensor, backward: bool) -> Callable[[], None]:
+def make_step(
+    module: AttendAndCompare, x: torch.Tensor, dy: torch.Tensor, backward: bool
+) -> Callable[[], None]:
     """One call of the layer: eval forward under no_grad, or train forward + backward of sum(y * dy) + sum(d)."""
 
     def step():
@@ -68,7 +86,9 @@ def make_step(module: AttendAndCompare, x: torch.Tensor, dy: torch.Tensor, backw
     return step
 
 
-def bench_ms(fns: Dict[str, Callable[[], None]], device, warmup: int = 3, reps: int = 20) -> Dict[str, List[float]]:
+def bench_ms(
+    fns: Dict[str, Callable[[], None]], device, warmup: int = 3, reps: int = 20
+) -> Dict[str, List[float]]:
     """Milliseconds of each call of each function, the functions interleaved (so that drifting clocks hit
     them alike). CUDA: CUDA events around each call, the L2 cache flushed before it (as
     triton.testing.do_bench does); CPU: perf_counter."""
@@ -106,7 +126,9 @@ def copy_bandwidth_gbs(device, nbytes: Optional[int] = None, reps: int = 10) -> 
     nbytes = nbytes or (2**30 if device.type == "cuda" else 64 * 2**20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = statistics.median(bench_ms({"copy": lambda: dst.copy_(src)}, device, warmup=2, reps=reps)["copy"])
+    ms = statistics.median(
+        bench_ms({"copy": lambda: dst.copy_(src)}, device, warmup=2, reps=reps)["copy"]
+    )
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -132,7 +154,11 @@ def count_launches_and_syncs(step: Callable[[], None], calls: int = 3) -> Dict[s
                 step()
         torch.cuda.synchronize()
     events = list(prof.events())
-    ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == "acm_layer_call" and e.device_type == torch.autograd.DeviceType.CPU]
+    ranges = [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.name == "acm_layer_call" and e.device_type == torch.autograd.DeviceType.CPU
+    ]
 
     def inside(e):
         return any(start <= e.time_range.start and e.time_range.end <= end for start, end in ranges)
@@ -148,15 +174,27 @@ def count_launches_and_syncs(step: Callable[[], None], calls: int = 3) -> Dict[s
         kernel_us[e.name[:60]] += e.time_range.elapsed_us() / calls
     # Host time of a call against the GPU time of its kernels: which side bounds the call.
     host_ms = sum(end - start for start, end in ranges) / calls / 1e3
-    return {"launches": launches / calls, "syncs": syncs / calls, "kernels": kernels / calls,
-            "host_ms": host_ms, "kernel_ms": sum(kernel_us.values()) / 1e3,
-            "kernel_us": dict(kernel_us.most_common()),
-            "runtime_calls": {name: n / calls for name, n in sorted(runtime.items())}}
+    return {
+        "launches": launches / calls,
+        "syncs": syncs / calls,
+        "kernels": kernels / calls,
+        "host_ms": host_ms,
+        "kernel_ms": sum(kernel_us.values()) / 1e3,
+        "kernel_us": dict(kernel_us.most_common()),
+        "runtime_calls": {name: n / calls for name, n in sorted(runtime.items())},
+    }
 
 
 def benchmark_layer(
-    shape: Sequence[int], dtype=torch.float32, device="cuda", groups: int = 32, variant: str = "full",
-    warmup: int = 3, reps: int = 20, bandwidth_gbs: Optional[float] = None, count_calls: Optional[bool] = None,
+    shape: Sequence[int],
+    dtype=torch.float32,
+    device="cuda",
+    groups: int = 32,
+    variant: str = "full",
+    warmup: int = 3,
+    reps: int = 20,
+    bandwidth_gbs: Optional[float] = None,
+    count_calls: Optional[bool] = None,
 ) -> List[dict]:
     """Rows {impl, mode, median_ms, ms_all, vs_reference, vs_floor, floor_ms, launches, syncs, kernels} for
     reference and fused, fwd and fwd+bwd. vs_floor needs bandwidth_gbs; launch counts are CUDA only."""
@@ -174,9 +212,13 @@ def benchmark_layer(
         medians = {impl: statistics.median(t) for impl, t in times.items()}
         for impl in steps:
             row = {
-                "impl": impl, "mode": mode, "median_ms": medians[impl], "ms_all": times[impl],
+                "impl": impl,
+                "mode": mode,
+                "median_ms": medians[impl],
+                "ms_all": times[impl],
                 "vs_reference": medians[impl] / medians["reference"],
-                "floor_ms": floors.get(mode), "vs_floor": medians[impl] / floors[mode] if floors else None,
+                "floor_ms": floors.get(mode),
+                "vs_floor": medians[impl] / floors[mode] if floors else None,
             }
             if count_calls:
                 row.update(count_launches_and_syncs(steps[impl]))
@@ -186,11 +228,15 @@ def benchmark_layer(
 
 def print_rows(rows: List[dict], title: str) -> None:
     print(title)
-    print(f"{'impl':<10} {'mode':<8} {'ms':>9} {'x ref':>7} {'x floor':>8} {'launches':>9} {'syncs':>6}")
+    print(
+        f"{'impl':<10} {'mode':<8} {'ms':>9} {'x ref':>7} {'x floor':>8} {'launches':>9} {'syncs':>6}"
+    )
     for r in rows:
         vs_floor = f"{r['vs_floor']:8.1f}" if r["vs_floor"] is not None else f"{'-':>8}"
-        print(f"{r['impl']:<10} {r['mode']:<8} {r['median_ms']:9.3f} {r['vs_reference']:7.2f} {vs_floor} "
-              f"{r.get('launches', '-'):>9} {r.get('syncs', '-'):>6}")
+        print(
+            f"{r['impl']:<10} {r['mode']:<8} {r['median_ms']:9.3f} {r['vs_reference']:7.2f} {vs_floor} "
+            f"{r.get('launches', '-'):>9} {r.get('syncs', '-'):>6}"
+        )
 
 
 def parse_args(argv=None):
@@ -201,13 +247,25 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", type=int, nargs=4, metavar=("B", "C", "H", "W"), help="default: 2 256 200 304 on CUDA, 2 256 50 76 on CPU")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        metavar=("B", "C", "H", "W"),
+        help="default: 2 256 200 304 on CUDA, 2 256 50 76 on CPU",
+    )
     parser.add_argument("--groups", type=int, default=32)
     parser.add_argument("--variant", default="full", choices=sorted(ACM_VARIANTS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--reps", type=int, default=20, help="timed repetitions of each measurement")
+    parser.add_argument(
+        "--reps", type=int, default=20, help="timed repetitions of each measurement"
+    )
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--bandwidth", type=float, help="memory bandwidth for the floor, GB/s (default: measured by a device copy)")
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        help="memory bandwidth for the floor, GB/s (default: measured by a device copy)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     return parser.parse_args(argv)
 
@@ -217,11 +275,29 @@ def main(argv=None):
     device = torch.device(args.device)
     shape = args.shape or ([2, 256, 200, 304] if device.type == "cuda" else [2, 256, 50, 76])
     bandwidth = args.bandwidth or copy_bandwidth_gbs(device)
-    rows = benchmark_layer(shape, getattr(torch, args.dtype), device, args.groups, args.variant, args.warmup, args.reps, bandwidth)
-    print_rows(rows, f"ACM {args.variant}, x {'x'.join(map(str, shape))} {args.dtype}, G={args.groups}, {device}, median of {args.reps}")
+    rows = benchmark_layer(
+        shape,
+        getattr(torch, args.dtype),
+        device,
+        args.groups,
+        args.variant,
+        args.warmup,
+        args.reps,
+        bandwidth,
+    )
+    print_rows(
+        rows,
+        f"ACM {args.variant}, x {'x'.join(map(str, shape))} {args.dtype}, G={args.groups}, {device}, median of {args.reps}",
+    )
     floors = {r["mode"]: r["floor_ms"] for r in rows}
-    print(f"memory floor at {bandwidth:.0f} GB/s: fwd {floors['fwd']:.3f} ms, fwd+bwd {floors['fwd+bwd']:.3f} ms")
+    print(
+        f"memory floor at {bandwidth:.0f} GB/s: fwd {floors['fwd']:.3f} ms, fwd+bwd {floors['fwd+bwd']:.3f} ms"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "shape": shape, "bandwidth_gbs": bandwidth, "results": rows}, f, indent=2)
+            json.dump(
+                {"args": vars(args), "shape": shape, "bandwidth_gbs": bandwidth, "results": rows},
+                f,
+                indent=2,
+            )
     return rows

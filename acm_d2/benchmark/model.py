@@ -17,6 +17,7 @@ measured). Absolute times mean something only on a GPU; on the CPU read the rati
 
 `profile_train_step` gives the kernel-time breakdown of one training step (CUDA).
 """
+
 import argparse
 import json
 import os
@@ -35,29 +36,52 @@ from .. import __version__ as acm_d2_version
 from ..config import add_acm_config
 
 # The configs live in the source checkout beside the package (they are not installed with it).
-CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-DEFAULT_CONFIG = os.path.join(CONFIG_ROOT, "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml")
+CONFIG_ROOT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+DEFAULT_CONFIG = os.path.join(
+    CONFIG_ROOT, "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml"
+)
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--configs", nargs="+", help="config files to compare (the first is the baseline)")
-    what.add_argument("--modules", nargs="+", help="MODEL.CONTEXT_MODULE values on --config (default: none ACM)")
+    what.add_argument(
+        "--configs", nargs="+", help="config files to compare (the first is the baseline)"
+    )
+    what.add_argument(
+        "--modules", nargs="+", help="MODEL.CONTEXT_MODULE values on --config (default: none ACM)"
+    )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="the config --modules varies")
-    parser.add_argument("--acm-impls", nargs="+", default=["auto"], help="with --modules: one ACM model per MODEL.ACM.IMPL")
+    parser.add_argument(
+        "--acm-impls",
+        nargs="+",
+        default=["auto"],
+        help="with --modules: one ACM model per MODEL.ACM.IMPL",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype of the step")
-    parser.add_argument("--height", type=int, help="image height (default: 800 on CUDA, 256 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype of the step"
+    )
+    parser.add_argument(
+        "--height", type=int, help="image height (default: 800 on CUDA, 256 on CPU)"
+    )
     parser.add_argument("--width", type=int, help="image width (default: 1216 on CUDA, 384 on CPU)")
     parser.add_argument("--images", type=int, default=2, help="images per batch")
     parser.add_argument("--instances", type=int, default=8, help="ground-truth instances per image")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per model")
-    parser.add_argument("--inference-images", type=int, default=5, help="timed single-image inferences per model")
+    parser.add_argument(
+        "--inference-images", type=int, default=5, help="timed single-image inferences per model"
+    )
     parser.add_argument("--json", help="write every figure to this file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model (KEY VALUE ...)")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides for every model (KEY VALUE ...)"
+    )
     args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     args.height = args.height or (800 if on_cuda else 256)
@@ -73,7 +97,13 @@ def model_specs(args):
     for module in args.modules or ["none", "ACM"]:
         if module == "ACM":
             for impl in args.acm_impls:
-                specs.append((f"ACM ({impl})", args.config, ["MODEL.CONTEXT_MODULE", module, "MODEL.ACM.IMPL", impl]))
+                specs.append(
+                    (
+                        f"ACM ({impl})",
+                        args.config,
+                        ["MODEL.CONTEXT_MODULE", module, "MODEL.ACM.IMPL", impl],
+                    )
+                )
         else:
             specs.append((module, args.config, ["MODEL.CONTEXT_MODULE", module]))
     return specs
@@ -86,13 +116,24 @@ def build(config_file, opts, device):
     # Score threshold 0: every model keeps its full quota of detections at inference, so the heads do the
     # same work whatever scores the random weights give (else the mask head's cost varies between models).
     cfg.merge_from_list(
-        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-         "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, *opts]
+        [
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.DEVICE",
+            device,
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            0.0,
+            "MODEL.RETINANET.SCORE_THRESH_TEST",
+            0.0,
+            *opts,
+        ]
     )
     torch.manual_seed(0)
     model = build_model(cfg)
     # lr 0: every step does the full SGD work while the random weights, and so the work, stay fixed.
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9
+    )
     return model, optimizer
 
 
@@ -107,7 +148,9 @@ def synthetic_batch(args, seed=0):
         masks = torch.zeros(n, h, w, dtype=torch.bool)
         for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
             masks[i, y0:y1, x0:x1] = True
-        instances = Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=torch.randint(0, 80, (n,), generator=g))
+        instances = Instances(
+            (h, w), gt_boxes=Boxes(boxes), gt_classes=torch.randint(0, 80, (n,), generator=g)
+        )
         instances.gt_masks = BitMasks(masks)
         image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
         batch.append({"image": image, "instances": instances, "height": h, "width": w})
@@ -133,7 +176,9 @@ class Timer:
 
 
 def train_step(model, optimizer, batch, dtype, scaler):
-    with torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(
+        device_type=next(model.parameters()).device.type, dtype=dtype, enabled=dtype is not None
+    ):
         losses = model(batch)
     loss = sum(losses.values())
     if not torch.isfinite(loss):
@@ -174,7 +219,12 @@ def run(args):
                 step_times[label].append(timer.seconds * 1e3)
         for label, (model, _) in models.items():
             model.eval()
-        with torch.no_grad(), torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype is not None
+            ),
+        ):
             for label, (model, _) in models.items():  # warm-up
                 model(inference_inputs)
             for _ in range(args.inference_images):
@@ -225,7 +275,9 @@ def profile_train_step(model, optimizer, batch, dtype=None, scaler=None, top: in
             torch.cuda.synchronize()
     per_kernel = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(
+            ("Memcpy", "Memset")
+        ):
             calls, us = per_kernel.get(e.name, (0, 0.0))
             per_kernel[e.name] = (calls + 1, us + e.time_range.elapsed_us())
     total_ms = sum(us for _, us in per_kernel.values()) / 1e3
@@ -237,12 +289,18 @@ def profile_train_step(model, optimizer, batch, dtype=None, scaler=None, top: in
         "acm_kernel_share": acm_ms / total_ms if total_ms else None,
         "acm_kernels": sorted(name for name in per_kernel if is_acm_kernel(name)),
         "kernel_launches": sum(calls for calls, _ in per_kernel.values()),
-        "top_kernels": [{"name": name, "calls": calls, "ms": us / 1e3} for name, (calls, us) in ranked],
+        "top_kernels": [
+            {"name": name, "calls": calls, "ms": us / 1e3} for name, (calls, us) in ranked
+        ],
     }
 
 
 def environment(args):
-    device = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    device = (
+        torch.cuda.get_device_name(torch.device(args.device))
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
     return {
         "device": device,
         "device_type": args.device,
@@ -260,14 +318,22 @@ def environment(args):
 
 
 def print_table(env, results):
-    print(f"device: {env['device']} ({env['device_type']}), dtype {env['dtype']}, "
-          f"{env['images_per_batch']} images of {env['image_size'][0]}x{env['image_size'][1]}, torch {env['torch']}")
+    print(
+        f"device: {env['device']} ({env['device_type']}), dtype {env['dtype']}, "
+        f"{env['images_per_batch']} images of {env['image_size'][0]}x{env['image_size'][1]}, torch {env['torch']}"
+    )
     header = f"{'model':<28}{'step ms':>10}{'x base':>8}{'peak GiB':>10}{'x base':>8}{'infer ms':>10}{'x base':>8}{'params M':>10}"
     print(header)
     for r in results:
-        mem = f"{r['peak_memory_gib']:>10.2f}{r['peak_memory_ratio']:>8.2f}" if r["peak_memory_gib"] is not None else f"{'-':>10}{'-':>8}"
-        print(f"{r['model']:<28}{r['train_step_ms']:>10.1f}{r['train_step_ratio']:>8.2f}{mem}"
-              f"{r['inference_ms_per_image']:>10.1f}{r['inference_ratio']:>8.2f}{r['parameters'] / 1e6:>10.2f}")
+        mem = (
+            f"{r['peak_memory_gib']:>10.2f}{r['peak_memory_ratio']:>8.2f}"
+            if r["peak_memory_gib"] is not None
+            else f"{'-':>10}{'-':>8}"
+        )
+        print(
+            f"{r['model']:<28}{r['train_step_ms']:>10.1f}{r['train_step_ratio']:>8.2f}{mem}"
+            f"{r['inference_ms_per_image']:>10.1f}{r['inference_ratio']:>8.2f}{r['parameters'] / 1e6:>10.2f}"
+        )
 
 
 def main(argv=None):
@@ -279,4 +345,3 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"environment": env, "models": results}, f, indent=2)
     return env, results
-

@@ -20,6 +20,7 @@ checkpoint without context-module weights (an ImageNet or baseline checkpoint in
 summary that separates the context-module keys, which are expected to be missing, from any other
 missing key.
 """
+
 import glob
 import logging
 import os
@@ -64,7 +65,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, require_complete=False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.require_complete = require_complete
-        self._loading, self._resuming = None, False  # the file being loaded; whether with training state
+        self._loading, self._resuming = (
+            None,
+            False,
+        )  # the file being loaded; whether with training state
 
     def _local(self) -> bool:
         return "://" not in self.save_dir
@@ -88,26 +92,38 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._local():
             return super().tag_last_checkpoint(last_filename_basename)
-        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
+        atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename),
+            "w",
+        )
 
     def remove_stale_temporaries(self) -> list:
         """Delete the temporary files that a killed save left in save_dir; return their paths."""
         if not self.save_dir or not self.save_to_disk or not self._local():
             return []
         stale = glob.glob(os.path.join(self.save_dir, f".*{TMP_SUFFIX}"))
-        stale = [p for p in stale if os.path.basename(p).startswith((".model_", ".last_checkpoint."))]
+        stale = [
+            p for p in stale if os.path.basename(p).startswith((".model_", ".last_checkpoint."))
+        ]
         for path in stale:
             os.remove(path)
         if stale:
-            self.logger.warning(f"Removed {len(stale)} incomplete checkpoint file(s) left by an interrupted save: {stale}")
+            self.logger.warning(
+                f"Removed {len(stale)} incomplete checkpoint file(s) left by an interrupted save: {stale}"
+            )
         return stale
 
     # ---- loading ----------------------------------------------------------------------------------
     def load(self, path, checkpointables=None):
         if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist (check MODEL.WEIGHTS, or last_checkpoint in OUTPUT_DIR)")
+            raise FileNotFoundError(
+                f"checkpoint {path!r} does not exist (check MODEL.WEIGHTS, or last_checkpoint in OUTPUT_DIR)"
+            )
         if not path and self.require_complete:
-            raise CheckpointError("no checkpoint given (MODEL.WEIGHTS is empty): the model would keep its random initialisation")
+            raise CheckpointError(
+                "no checkpoint given (MODEL.WEIGHTS is empty): the model would keep its random initialisation"
+            )
         self._loading = path
         # Restoring training state (optimizer, ...) along with the model: every tensor must fit it.
         self._resuming = bool(self.checkpointables if checkpointables is None else checkpointables)
@@ -128,7 +144,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 "(an interrupted copy or save) or is not a PyTorch checkpoint"
             ) from error
         if not isinstance(loaded, Mapping):
-            raise CheckpointError(f"checkpoint {f!r} holds a {type(loaded).__name__}, not a dict with a model state dict")
+            raise CheckpointError(
+                f"checkpoint {f!r} holds a {type(loaded).__name__}, not a dict with a model state dict"
+            )
         return loaded
 
     def _load_file(self, filename):
@@ -136,7 +154,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if filename.endswith((".pkl", ".pyth")):
                 loaded = self._load_other_format(filename)
             else:
-                loaded = super()._load_file(filename)  # .pth: Detectron2's URL handling, then _torch_load
+                loaded = super()._load_file(
+                    filename
+                )  # .pth: Detectron2's URL handling, then _torch_load
         except CheckpointError:
             raise
         except Exception as error:
@@ -145,7 +165,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             ) from error
         state = loaded.get("model")
         if not isinstance(state, Mapping) or not state:
-            raise CheckpointError(f"checkpoint {filename!r} has no model state dict (its 'model' entry is {type(state).__name__})")
+            raise CheckpointError(
+                f"checkpoint {filename!r} has no model state dict (its 'model' entry is {type(state).__name__})"
+            )
         bad = [k for k, v in state.items() if not isinstance(k, str) or not hasattr(v, "shape")]
         if bad:
             raise CheckpointError(
@@ -158,16 +180,26 @@ class AtomicCheckpointer(DetectionCheckpointer):
         branches, with the file read by load_checkpoint instead of the plain pickle / torch.load."""
         data = load_checkpoint(filename)
         if not isinstance(data, Mapping):
-            raise CheckpointError(f"checkpoint {filename!r} holds a {type(data).__name__}, not a dict with a model state dict")
+            raise CheckpointError(
+                f"checkpoint {filename!r} holds a {type(data).__name__}, not a dict with a model state dict"
+            )
         if filename.endswith(".pyth"):
             if "model_state" not in data:
-                raise CheckpointError(f"cannot load {filename!r}: a pycls .pyth checkpoint must contain 'model_state'")
-            state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+                raise CheckpointError(
+                    f"cannot load {filename!r}: a pycls .pyth checkpoint must contain 'model_state'"
+                )
+            state = {
+                k: v
+                for k, v in data["model_state"].items()
+                if not k.endswith("num_batches_tracked")
+            }
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         if "model" in data and "__author__" in data:  # Detectron2 model zoo format
             self.logger.info(f"Reading a file from '{data['__author__']}'")
             return data
-        data = data.get("blobs", data)  # Caffe2 / Detectron1: detection models keep their weights in "blobs"
+        data = data.get(
+            "blobs", data
+        )  # Caffe2 / Detectron1: detection models keep their weights in "blobs"
         data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
         return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
@@ -185,13 +217,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if reshaped and (self._resuming or self.require_complete):
             # Detectron2 would skip these tensors; resuming would then fail inside the first optimizer step
             # (its state has the old shapes), and an evaluated model would have random layers.
-            changed = "; ".join(f"{k}: {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in reshaped[:6])
+            changed = "; ".join(
+                f"{k}: {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in reshaped[:6]
+            )
             more = f"; and {len(reshaped) - 6} more" if len(reshaped) > 6 else ""
             fix = (
                 "To train the changed model, start a new run in another OUTPUT_DIR with MODEL.WEIGHTS "
                 f"{name} (fine-tuning: the changed layers start from their initialisation); to continue "
                 "the old run, restore its config."
-                if self._resuming else "Use the config these weights were trained with."
+                if self._resuming
+                else "Use the config these weights were trained with."
             )
             raise CheckpointError(
                 f"checkpoint {name!r} does not fit this model: {len(reshaped)} tensors have another shape (the "

@@ -1,4 +1,5 @@
 """Reading checkpoint files without running code from them."""
+
 import os
 from typing import Dict
 

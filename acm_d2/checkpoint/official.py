@@ -10,6 +10,7 @@ Their blocks hold the module as `module`, with K as `add_mod`, Q as `sub_mod` an
 Every other key is a standard Detectron2 Mask R-CNN key and is kept as it is. The tensors are the same
 shapes in both layouts, and the maths is the same function (tests/test_checkpoint_official.py).
 """
+
 import re
 from typing import Dict
 

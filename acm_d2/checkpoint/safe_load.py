@@ -18,6 +18,7 @@ trust (e.g. one you wrote yourself with other objects in it), opt in with the en
 ACM_D2_TRUST_CHECKPOINTS=1 or the tools' --trust-checkpoint flag: it is then read with the plain
 (code-running) pickle / torch.load(weights_only=False).
 """
+
 import io
 import os
 import pickle
@@ -25,7 +26,15 @@ import re
 
 import torch
 
-__all__ = ["CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "checkpoints_trusted", "TRUST_ENV", "TRUST_FLAG_HELP", "SAFE_PICKLE_GLOBALS"]
+__all__ = [
+    "CheckpointError",
+    "UntrustedCheckpointError",
+    "load_checkpoint",
+    "checkpoints_trusted",
+    "TRUST_ENV",
+    "TRUST_FLAG_HELP",
+    "SAFE_PICKLE_GLOBALS",
+]
 
 TRUST_ENV = "ACM_D2_TRUST_CHECKPOINTS"
 HOW_TO_TRUST = f"if you trust this file, set the environment variable {TRUST_ENV}=1 (or pass --trust-checkpoint)"
@@ -38,9 +47,18 @@ TRUST_FLAG_HELP = (
 # "numpy._core"), numpy scalars, protocol-5 buffers, OrderedDict, and how Python 3 pickles bytes at
 # protocol 2.
 SAFE_PICKLE_GLOBALS = frozenset(
-    [(f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")]
+    [
+        (f"{core}.multiarray", name)
+        for core in ("numpy.core", "numpy._core")
+        for name in ("_reconstruct", "scalar")
+    ]
     + [(f"{core}.numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")]
-    + [("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")]
+    + [
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+        ("_codecs", "encode"),
+    ]
 )
 
 

@@ -1,6 +1,7 @@
 """The training/test mapper: Detectron2's DatasetMapper, reading images through `read_image`, which scales
 16-bit grayscale images (X-rays, the paper's domain) to 8 bits instead of saturating them, and names
 the file when an image cannot be read; and the choice of its mask format from the data."""
+
 import copy
 import logging
 
@@ -44,11 +45,17 @@ def read_image(file_name: str, format=None) -> np.ndarray:
             image = Image.open(f)
             if image.mode in SIXTEEN_BIT_MODES:
                 # ImageOps.exif_transpose: Detectron2's EXIF handling, minus its workaround for Pillow < 6.
-                return utils.convert_PIL_to_numpy(_to_8_bits(ImageOps.exif_transpose(image), file_name), format)
+                return utils.convert_PIL_to_numpy(
+                    _to_8_bits(ImageOps.exif_transpose(image), file_name), format
+                )
         return utils.read_image(file_name, format)
-    except OSError as e:  # PIL's "cannot identify image file", "image file is truncated", a missing file
-        raise OSError(f"{file_name}: cannot read the image ({e}); replace the file or remove its record, or "
-                      "find all such files up front with --check-images") from e
+    except (
+        OSError
+    ) as e:  # PIL's "cannot identify image file", "image file is truncated", a missing file
+        raise OSError(
+            f"{file_name}: cannot read the image ({e}); replace the file or remove its record, or "
+            "find all such files up front with --check-images"
+        ) from e
 
 
 class DatasetMapper(_DatasetMapper):
@@ -72,7 +79,9 @@ class DatasetMapper(_DatasetMapper):
         if sem_seg_gt is not None:
             dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
         if self.proposal_topk is not None:
-            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+            utils.transform_proposals(
+                dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk
+            )
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             dataset_dict.pop("sem_seg_file_name", None)
@@ -116,7 +125,9 @@ def instance_mask_format(cfg, dataset_dicts, dataset_names) -> str:
             "train a detector without masks, or add masks to those annotations"
         )
     if rle and mask_format == "polygon":
-        logger.info(f"{rle} of the {total} training annotations in {_sources(dataset_names)} have RLE masks: "
-                    "using INPUT.MASK_FORMAT bitmask instead of polygon")
+        logger.info(
+            f"{rle} of the {total} training annotations in {_sources(dataset_names)} have RLE masks: "
+            "using INPUT.MASK_FORMAT bitmask instead of polygon"
+        )
         return "bitmask"
     return mask_format

@@ -11,6 +11,7 @@ seeded from (seed, its position in the stream), and the global generators are re
 augmentation does not depend on which worker or process maps it, nor on where the run started.
 acm_d2.engine.resume.ExactResumeHook sets the stream's seed and start from the checkpoint.
 """
+
 import contextlib
 import itertools
 import logging
@@ -70,7 +71,9 @@ class ResumableTrainStream(IterableDataset):
                 "use TrainingSampler, RepeatFactorTrainingSampler or RandomSubsetTrainingSampler"
             )
         self.landscape = np.array([d["width"] > d["height"] for d in dataset_dicts], dtype=bool)
-        self.dataset = DatasetFromList(dataset_dicts, copy=False)  # serialized: cheap to share with workers
+        self.dataset = DatasetFromList(
+            dataset_dicts, copy=False
+        )  # serialized: cheap to share with workers
         self.mapper, self.sampler, self.batch_size = mapper, sampler, batch_size
         self.aspect_ratio_grouping = aspect_ratio_grouping
         self.seed, self.start_iter = int(seed), 0
@@ -78,7 +81,12 @@ class ResumableTrainStream(IterableDataset):
 
     def index_batches(self):
         """This rank's batches from batch 0 on, as lists of (position in the global stream, dataset index)."""
-        stream = itertools.islice(enumerate(sampler_index_stream(self.sampler, self.seed)), self.rank, None, self.world_size)
+        stream = itertools.islice(
+            enumerate(sampler_index_stream(self.sampler, self.seed)),
+            self.rank,
+            None,
+            self.world_size,
+        )
         buckets = {False: [], True: []} if self.aspect_ratio_grouping else {None: []}
         for position, index in stream:
             bucket = buckets[bool(self.landscape[index]) if self.aspect_ratio_grouping else None]
@@ -96,16 +104,22 @@ class ResumableTrainStream(IterableDataset):
                 if data is not None:
                     return data
                 if attempt == 2:
-                    logger.warning(f"The mapper returned None for dataset index {index} three times; trying others")
+                    logger.warning(
+                        f"The mapper returned None for dataset index {index} three times; trying others"
+                    )
                 index = int(rng.integers(len(self.dataset)))
-        raise RuntimeError(f"the mapper returned None for 100 images in a row at stream position {position}")
+        raise RuntimeError(
+            f"the mapper returned None for 100 images in a row at stream position {position}"
+        )
 
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         batches = itertools.islice(self.index_batches(), self.start_iter, None)
         for i, batch in enumerate(batches):
-            if i % num_workers == worker_id:  # the DataLoader reads its workers round-robin, in order
+            if (
+                i % num_workers == worker_id
+            ):  # the DataLoader reads its workers round-robin, in order
                 yield [self.map_one(position, index) for position, index in batch]
 
 
@@ -117,15 +131,25 @@ def build_resumable_train_loader(cfg, mapper=None, seed=None, dataset=None):
     world_size = comm.get_world_size()
     total = args["total_batch_size"]
     if total % world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH = {total} is not divisible by the number of processes ({world_size})")
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH = {total} is not divisible by the number of processes ({world_size})"
+        )
     if seed is None:
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     stream = ResumableTrainStream(
-        args["dataset"], args["mapper"], args["sampler"], total // world_size, args["aspect_ratio_grouping"], seed
+        args["dataset"],
+        args["mapper"],
+        args["sampler"],
+        total // world_size,
+        args["aspect_ratio_grouping"],
+        seed,
     )
     # Its own generator: creating the iterator (at the first step) must not draw from the global one,
     # which ExactResumeHook has just seeded for that step.
     return DataLoader(
-        stream, batch_size=None, num_workers=args["num_workers"], collate_fn=trivial_batch_collator,
+        stream,
+        batch_size=None,
+        num_workers=args["num_workers"],
+        collate_fn=trivial_batch_collator,
         generator=torch.Generator().manual_seed(int(seed)),
     )

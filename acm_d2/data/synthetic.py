@@ -11,6 +11,7 @@ a model must compare it with the framed reference. The reference itself is not a
 Images are PNG files; annotations are a COCO JSON with polygon masks. The output depends only on
 the seed and the sizes, so tests and the demo see the same data on every machine.
 """
+
 import argparse
 import json
 import os
@@ -65,9 +66,17 @@ def _render_image(rng: np.random.Generator, size: int, max_objects: int):
     ref_cy = half + 2 if corner_y == 0 else size - half - 2
     ref_shape = SHAPES[rng.integers(len(SHAPES))]
     cv2.rectangle(
-        image, (int(ref_cx - half), int(ref_cy - half)), (int(ref_cx + half), int(ref_cy + half)), (255, 255, 255), 2
+        image,
+        (int(ref_cx - half), int(ref_cy - half)),
+        (int(ref_cx + half), int(ref_cy + half)),
+        (255, 255, 255),
+        2,
     )
-    _fill(image, _shape_polygon(ref_shape, ref_cx, ref_cy, ref_radius, rng.uniform(0, 2 * np.pi)), _random_color(rng))
+    _fill(
+        image,
+        _shape_polygon(ref_shape, ref_cx, ref_cy, ref_radius, rng.uniform(0, 2 * np.pi)),
+        _random_color(rng),
+    )
 
     placed = [(ref_cx, ref_cy, half * 1.5)]  # circles that new objects must not touch
     objects = []
@@ -95,7 +104,12 @@ def _polygon_area(polygon: np.ndarray) -> float:
 
 
 def generate_split(
-    output_dir: str, split: str, num_images: int, image_size: int = 128, seed: int = 0, max_objects: int = 4
+    output_dir: str,
+    split: str,
+    num_images: int,
+    image_size: int = 128,
+    seed: int = 0,
+    max_objects: int = 4,
 ) -> Tuple[str, str]:
     """Write `num_images` PNGs to output_dir/split/ and output_dir/split.json; return (json, image dir)."""
     if num_images < 1 or image_size < 48 or max_objects < 1:
@@ -111,7 +125,9 @@ def generate_split(
         image, objects = _render_image(rng, image_size, max_objects)
         file_name = f"{image_id:06d}.png"
         cv2.imwrite(os.path.join(image_dir, file_name), image)
-        images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
+        )
         for _shape, polygon, category in objects:
             x0, y0 = np.clip(polygon.min(axis=0), 0, image_size)
             x1, y1 = np.clip(polygon.max(axis=0), 0, image_size)
@@ -130,15 +146,24 @@ def generate_split(
         "info": {"description": f"acm_d2 synthetic comparison dataset, split {split}, seed {seed}"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)],
+        "categories": [
+            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)
+        ],
     }
     json_file = os.path.join(output_dir, f"{split}.json")
-    atomic_write(json_file, lambda f: json.dump(coco, f), "w")  # a reader never sees a half-written JSON
+    atomic_write(
+        json_file, lambda f: json.dump(coco, f), "w"
+    )  # a reader never sees a half-written JSON
     return json_file, image_dir
 
 
 def generate_dataset(
-    output_dir: str, num_train: int = 300, num_val: int = 50, image_size: int = 128, seed: int = 0, max_objects: int = 4
+    output_dir: str,
+    num_train: int = 300,
+    num_val: int = 50,
+    image_size: int = 128,
+    seed: int = 0,
+    max_objects: int = 4,
 ) -> Dict[str, Tuple[str, str]]:
     """Both splits; returns {"train": (json, image dir), "val": (json, image dir)}."""
     return {
@@ -160,14 +185,18 @@ def register_synthetic_dataset(prefix: str, splits: Dict[str, Tuple[str, str]]) 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="folder for train/, val/, train.json, val.json")
+    parser.add_argument(
+        "--output", required=True, help="folder for train/, val/, train.json, val.json"
+    )
     parser.add_argument("--num-train", type=int, default=300)
     parser.add_argument("--num-val", type=int, default=50)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--max-objects", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    splits = generate_dataset(args.output, args.num_train, args.num_val, args.image_size, args.seed, args.max_objects)
+    splits = generate_dataset(
+        args.output, args.num_train, args.num_val, args.image_size, args.seed, args.max_objects
+    )
     for split, (json_file, image_root) in splits.items():
         print(f"{split}: {json_file} {image_root}")
 

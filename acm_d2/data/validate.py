@@ -27,6 +27,7 @@ Dropped, with a warning listing the count and the first records:
 Images without any (remaining) instance are kept and counted: Detectron2 leaves them out of training
 when DATALOADER.FILTER_EMPTY_ANNOTATIONS is on (the default) and evaluation needs them.
 """
+
 import json
 import logging
 import math
@@ -38,8 +39,12 @@ from detectron2.data.datasets import load_coco_json
 from PIL import Image
 
 __all__ = [
-    "MIN_IMAGE_SIDE", "MAX_ASPECT_RATIO", "COORDINATE_MARGIN", "AUTO_CHECK_MAX_IMAGES",
-    "validate_coco_json", "load_validated_coco_json",
+    "MIN_IMAGE_SIDE",
+    "MAX_ASPECT_RATIO",
+    "COORDINATE_MARGIN",
+    "AUTO_CHECK_MAX_IMAGES",
+    "validate_coco_json",
+    "load_validated_coco_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,9 @@ def _is_number(x) -> bool:
 
 def _require(json_file, kind, record, index, keys):
     if not isinstance(record, dict):
-        raise ValueError(f"{json_file}: {kind} #{index} is a {type(record).__name__}, not an object")
+        raise ValueError(
+            f"{json_file}: {kind} #{index} is a {type(record).__name__}, not an object"
+        )
     missing = [k for k in keys if k not in record]
     if missing:
         name = f"{kind} id {record['id']}" if "id" in record else f"{kind} #{index} (no id)"
@@ -79,7 +86,12 @@ def _within(xy: list, stride: int, x_range, y_range) -> bool:
     if not math.isfinite(sum(xy)):
         return False
     xs, ys = xy[0::stride], xy[1::stride]
-    return min(xs) >= x_range[0] and max(xs) <= x_range[1] and min(ys) >= y_range[0] and max(ys) <= y_range[1]
+    return (
+        min(xs) >= x_range[0]
+        and max(xs) <= x_range[1]
+        and min(ys) >= y_range[0]
+        and max(ys) <= y_range[1]
+    )
 
 
 def _polygons_kind(polygons, x_range, y_range) -> str:
@@ -153,7 +165,9 @@ def _image_file_problem(path: str, width, height) -> Optional[str]:
         with open(path, "rb") as f:
             f.seek(max(0, num_bytes - 1024))
             tail = f.read()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    except (
+        Exception
+    ) as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return f"not a readable image ({type(e).__name__}: {e})"
     if image_format == "PNG" and not tail.endswith(b"IEND\xaeB`\x82"):
         return "truncated PNG (no IEND chunk at the end)"
@@ -166,8 +180,11 @@ def _image_file_problem(path: str, width, height) -> Optional[str]:
 
 def _check_image_files(image_root: str, images: List[dict]) -> Dict[int, str]:
     """{image id: problem} for the given image records, checked in parallel (mostly I/O)."""
+
     def check(image):
-        return _image_file_problem(os.path.join(image_root, image["file_name"]), image["width"], image["height"])
+        return _image_file_problem(
+            os.path.join(image_root, image["file_name"]), image["width"], image["height"]
+        )
 
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
         problems = pool.map(check, images, chunksize=64)
@@ -180,7 +197,9 @@ def _report(json_file, what, records: List[str]) -> None:
         logger.warning(f"{json_file}: dropped {len(records)} {what}: {shown}")
 
 
-def validate_coco_json(json_file: str, image_root: str, check_images: Optional[bool] = None) -> Dict[str, set]:
+def validate_coco_json(
+    json_file: str, image_root: str, check_images: Optional[bool] = None
+) -> Dict[str, set]:
     """Check `json_file` (see the module doc); return the ids to drop as
     {"images": set of image ids, "annotations": set of annotation ids}. Raises ValueError for errors.
 
@@ -191,10 +210,14 @@ def validate_coco_json(json_file: str, image_root: str, check_images: Optional[b
         with open(json_file) as f:
             coco = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise ValueError(
+            f"{json_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from e
     if not isinstance(coco, dict) or any(k not in coco for k in ("images", "categories")):
         found = sorted(coco) if isinstance(coco, dict) else type(coco).__name__
-        raise ValueError(f"{json_file}: not a COCO instance file: needs 'images' and 'categories' (found {found})")
+        raise ValueError(
+            f"{json_file}: not a COCO instance file: needs 'images' and 'categories' (found {found})"
+        )
     for i, cat in enumerate(coco["categories"]):
         _require(json_file, "category", cat, i, ("id", "name"))
     category_ids = {c["id"] for c in coco["categories"]}
@@ -207,7 +230,9 @@ def validate_coco_json(json_file: str, image_root: str, check_images: Optional[b
         images[image["id"]] = image
         w, h = image["width"], image["height"]
         if not (_is_number(w) and _is_number(h)):
-            raise ValueError(f"{json_file}: image id {image['id']} has width/height {w!r}/{h!r}, not numbers")
+            raise ValueError(
+                f"{json_file}: image id {image['id']} has width/height {w!r}/{h!r}, not numbers"
+            )
         first = by_file.setdefault(image["file_name"], image["id"])
         if first != image["id"]:
             duplicates.append(f"{image['file_name']!r} (image ids {first} and {image['id']})")
@@ -225,19 +250,29 @@ def validate_coco_json(json_file: str, image_root: str, check_images: Optional[b
         check_images = len(images) <= AUTO_CHECK_MAX_IMAGES
     unreadable = {}
     if check_images:
-        unreadable = _check_image_files(image_root, [im for i, im in images.items() if i not in drop_images])
+        unreadable = _check_image_files(
+            image_root, [im for i, im in images.items() if i not in drop_images]
+        )
         drop_images |= set(unreadable)
 
     def image_name(image_id):
         return f"image {image_id} {images[image_id]['file_name']!r}"
 
-    buckets = {k: [] for k in ("far", "degenerate", "outside", "empty", "bad_rle", "orphan", "with_images")}
+    buckets = {
+        k: [] for k in ("far", "degenerate", "outside", "empty", "bad_rle", "orphan", "with_images")
+    }
     with_instances = set()
     for i, ann in enumerate(coco.get("annotations", [])):
         _require(json_file, "annotation", ann, i, ("id", "image_id", "category_id", "bbox"))
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"{json_file}: annotation id {ann['id']} has bbox {bbox!r}; expected [x, y, w, h]")
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)
+        ):
+            raise ValueError(
+                f"{json_file}: annotation id {ann['id']} has bbox {bbox!r}; expected [x, y, w, h]"
+            )
         if ann["category_id"] not in category_ids:
             raise ValueError(
                 f"{json_file}: annotation id {ann['id']} has category_id {ann['category_id']}, which is not "
@@ -253,37 +288,73 @@ def validate_coco_json(json_file: str, image_root: str, check_images: Optional[b
         try:
             kind = _annotation_kind(ann, images[image_id], COORDINATE_MARGIN)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{json_file}: annotation id {ann['id']} ({image_name(image_id)}): {e}") from None
+            raise ValueError(
+                f"{json_file}: annotation id {ann['id']} ({image_name(image_id)}): {e}"
+            ) from None
         if kind == "ok":
             with_instances.add(image_id)
         else:
             buckets[kind].append((ann["id"], image_id))
 
     def named(pairs):
-        return [f"annotation {a}" + (f" ({image_name(i)})" if i is not None else "") for a, i in pairs]
+        return [
+            f"annotation {a}" + (f" ({image_name(i)})" if i is not None else "") for a, i in pairs
+        ]
 
-    _report(json_file, f"images whose file is missing under {image_root}", [image_name(i) for i in missing_files])
-    _report(json_file, f"images under {MIN_IMAGE_SIDE} px or with an aspect ratio over {MAX_ASPECT_RATIO:g}",
-            [image_name(i) for i in odd_sizes])
-    _report(json_file, "images whose file is unreadable or of another size",
-            [f"{image_name(i)}: {p}" for i, p in unreadable.items()])
+    _report(
+        json_file,
+        f"images whose file is missing under {image_root}",
+        [image_name(i) for i in missing_files],
+    )
+    _report(
+        json_file,
+        f"images under {MIN_IMAGE_SIDE} px or with an aspect ratio over {MAX_ASPECT_RATIO:g}",
+        [image_name(i) for i in odd_sizes],
+    )
+    _report(
+        json_file,
+        "images whose file is unreadable or of another size",
+        [f"{image_name(i)}: {p}" for i, p in unreadable.items()],
+    )
     _report(json_file, "annotations of the dropped images", named(buckets["with_images"]))
-    _report(json_file, f"annotations with a NaN, Inf or far-away coordinate (over {COORDINATE_MARGIN:g} image "
-            "size outside the image) in the bbox, polygons or keypoints", named(buckets["far"]))
-    _report(json_file, "annotations with degenerate boxes (w or h <= 0)", named(buckets["degenerate"]))
-    _report(json_file, "annotations whose box lies entirely outside the image", named(buckets["outside"]))
-    _report(json_file, "annotations whose polygons are empty (no polygon of 3+ points)", named(buckets["empty"]))
-    _report(json_file, "annotations whose RLE size is not the image's [height, width] or whose counts do not "
-            "cover it", named(buckets["bad_rle"]))
+    _report(
+        json_file,
+        f"annotations with a NaN, Inf or far-away coordinate (over {COORDINATE_MARGIN:g} image "
+        "size outside the image) in the bbox, polygons or keypoints",
+        named(buckets["far"]),
+    )
+    _report(
+        json_file, "annotations with degenerate boxes (w or h <= 0)", named(buckets["degenerate"])
+    )
+    _report(
+        json_file,
+        "annotations whose box lies entirely outside the image",
+        named(buckets["outside"]),
+    )
+    _report(
+        json_file,
+        "annotations whose polygons are empty (no polygon of 3+ points)",
+        named(buckets["empty"]),
+    )
+    _report(
+        json_file,
+        "annotations whose RLE size is not the image's [height, width] or whose counts do not "
+        "cover it",
+        named(buckets["bad_rle"]),
+    )
     _report(json_file, "annotations whose image_id is not in 'images'", named(buckets["orphan"]))
     kept = len(images) - len(drop_images)
     if kept == 0:
-        raise ValueError(f"{json_file}: no usable image is left (missing files: {len(missing_files)}, too small or "
-                         f"too elongated: {len(odd_sizes)}, unreadable: {len(unreadable)}); check the image root "
-                         f"{image_root!r}")
+        raise ValueError(
+            f"{json_file}: no usable image is left (missing files: {len(missing_files)}, too small or "
+            f"too elongated: {len(odd_sizes)}, unreadable: {len(unreadable)}); check the image root "
+            f"{image_root!r}"
+        )
     empty = kept - len(with_instances)
     if empty:
-        logger.info(f"{json_file}: {empty} of {kept} images have no instance (training skips them by default)")
+        logger.info(
+            f"{json_file}: {empty} of {kept} images have no instance (training skips them by default)"
+        )
     dropped = ("far", "degenerate", "outside", "empty", "bad_rle")
     return {"images": drop_images, "annotations": {a for k in dropped for a, _ in buckets[k]}}
 

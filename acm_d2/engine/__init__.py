@@ -1,5 +1,9 @@
 from .defaults import (  # noqa: F401
-    argument_parser, load_weights_for_evaluation, register_datasets, setup, setup_lazy,
+    argument_parser,
+    load_weights_for_evaluation,
+    register_datasets,
+    setup,
+    setup_lazy,
 )
 from .launch import launch  # noqa: F401
 from .output_lock import OutputDirInUseError, lock_output_dir  # noqa: F401

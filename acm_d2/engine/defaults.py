@@ -1,4 +1,5 @@
 """Config and dataset set-up shared by tools/train_net.py, tools/lazyconfig_train_net.py and the demo."""
+
 import argparse
 import logging
 import os
@@ -17,10 +18,13 @@ from ..data.validate import AUTO_CHECK_MAX_IMAGES
 from .output_lock import lock_output_dir_on_main_process
 
 __all__ = [
-    "argument_parser", "setup", "setup_lazy", "register_datasets", "check_num_classes",
+    "argument_parser",
+    "setup",
+    "setup_lazy",
+    "register_datasets",
+    "check_num_classes",
     "load_weights_for_evaluation",
 ]
-
 
 
 def argument_parser(epilog=None):
@@ -29,7 +33,8 @@ def argument_parser(epilog=None):
     parser = default_argument_parser(epilog)
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     parser.add_argument(
-        "--allow-random-weights", action="store_true",
+        "--allow-random-weights",
+        action="store_true",
         help="with --eval-only: evaluate even without weights, or with weights that leave parameters at their "
         "random initialisation (e.g. to time the pipeline); refused by default",
     )
@@ -76,7 +81,9 @@ def setup(args):
     # default_setup logs "detectron2" and "fvcore"; acm_d2's own messages go to the same console and log file.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2")
     if fallback:
-        logging.getLogger("acm_d2").warning("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
+        logging.getLogger("acm_d2").warning(
+            "CUDA is not available: running on the CPU (MODEL.DEVICE cpu)"
+        )
     return cfg
 
 
@@ -89,7 +96,9 @@ def setup_lazy(args):
     lock_output_dir_on_main_process(cfg.train.output_dir)
     default_setup(cfg, args)
     if fallback:
-        logging.getLogger("acm_d2").warning("CUDA is not available: running on the CPU (train.device cpu)")
+        logging.getLogger("acm_d2").warning(
+            "CUDA is not available: running on the CPU (train.device cpu)"
+        )
     return cfg
 
 
@@ -99,7 +108,9 @@ def _trust_checkpoints_if_asked(args) -> None:
         os.environ[TRUST_ENV] = "1"
 
 
-def load_weights_for_evaluation(model, weights: str, output_dir: str, args, weights_key="MODEL.WEIGHTS") -> None:
+def load_weights_for_evaluation(
+    model, weights: str, output_dir: str, args, weights_key="MODEL.WEIGHTS"
+) -> None:
     """Load the weights --eval-only scores: `weights`, or with --resume the last checkpoint of output_dir.
 
     Without weights, or with weights that leave parameters at their initialisation (an ImageNet or
@@ -126,17 +137,29 @@ def _available(device: str):
 
 def _class_count_keys(cfg):
     """(config key, its value, the metadata field it must cover) for the heads cfg's meta-architecture builds."""
-    from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, PanopticFPN, RetinaNet, SemanticSegmentor
+    from detectron2.modeling import (
+        META_ARCH_REGISTRY,
+        GeneralizedRCNN,
+        PanopticFPN,
+        RetinaNet,
+        SemanticSegmentor,
+    )
 
     meta = cfg.MODEL.META_ARCHITECTURE
     arch = META_ARCH_REGISTRY.get(meta) if meta in META_ARCH_REGISTRY else None
     keys = []
     if arch is not None and issubclass(arch, RetinaNet):
-        keys.append(("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes"))
+        keys.append(
+            ("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes")
+        )
     if arch is not None and issubclass(arch, GeneralizedRCNN):  # PanopticFPN included
-        keys.append(("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes"))
+        keys.append(
+            ("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes")
+        )
     if arch is not None and issubclass(arch, (PanopticFPN, SemanticSegmentor)):
-        keys.append(("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes"))
+        keys.append(
+            ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes")
+        )
     return keys
 
 
@@ -162,5 +185,7 @@ def check_num_classes(cfg, dataset_names) -> None:
                 f"categories past the first {num_classes} would be trained as background. Set {key} {categories}"
             )
         if num_classes > categories:
-            log.warning(f"cfg.{key} = {num_classes}, but dataset {name!r} has only {categories} categories "
-                        f"({field}): {num_classes - categories} outputs are never trained; set {key} {categories}")
+            log.warning(
+                f"cfg.{key} = {num_classes}, but dataset {name!r} has only {categories} categories "
+                f"({field}): {num_classes - categories} outputs are never trained; set {key} {categories}"
+            )

@@ -7,6 +7,7 @@ waited for them at exit; a SIGTERM killed the launcher and left the workers trai
 either signal stops every worker of this machine (SIGTERM, then SIGKILL after a grace period) and the
 launcher exits with 128 + the signal number.
 """
+
 import logging
 import multiprocessing
 import signal
@@ -35,7 +36,9 @@ def _stop_workers(signum) -> None:
     workers = multiprocessing.active_children()
     print(
         f"{signal.Signals(signum).name} received: stopping {len(workers)} worker process(es) "
-        f"(pids {[w.pid for w in workers]})", file=sys.stderr, flush=True,
+        f"(pids {[w.pid for w in workers]})",
+        file=sys.stderr,
+        flush=True,
     )
     for worker in workers:
         worker.terminate()
@@ -49,13 +52,21 @@ def _stop_workers(signum) -> None:
 def launch(main_func, num_gpus_per_machine, num_machines=1, **kwargs):
     """detectron2.engine.launch(main_func, num_gpus_per_machine, num_machines, **kwargs); when this
     machine runs several workers, SIGINT or SIGTERM to the launcher stops them all (see module doc)."""
-    if num_gpus_per_machine * num_machines <= 1:  # main_func runs in this process: nothing to forward
-        return detectron2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
+    if (
+        num_gpus_per_machine * num_machines <= 1
+    ):  # main_func runs in this process: nothing to forward
+        return detectron2_launch(
+            main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs
+        )
     previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return detectron2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
+        return detectron2_launch(
+            main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs
+        )
     except _Stopped as stopped:
-        for s in previous:  # a repeated Ctrl-C must not cut the stop short (it ends within the grace period)
+        for s in (
+            previous
+        ):  # a repeated Ctrl-C must not cut the stop short (it ends within the grace period)
             signal.signal(s, signal.SIG_IGN)
         _stop_workers(stopped.signum)
         raise SystemExit(128 + stopped.signum) from None

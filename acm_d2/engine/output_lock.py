@@ -14,6 +14,7 @@ its OUTPUT_DIR before it writes anything there, and keeps it until it exits:
 
 Where fcntl does not exist (Windows) the folder is not locked, with a warning.
 """
+
 import datetime
 import json
 import logging
@@ -50,7 +51,9 @@ def lock_output_dir(output_dir: str) -> bool:
     if not output_dir or "://" in output_dir:
         return False
     if fcntl is None:
-        logger.warning(f"OUTPUT_DIR {output_dir} is not locked (no fcntl on this system): run one job per folder")
+        logger.warning(
+            f"OUTPUT_DIR {output_dir} is not locked (no fcntl on this system): run one job per folder"
+        )
         return False
     folder = os.path.realpath(output_dir)
     if folder in _held:

@@ -10,6 +10,7 @@ step from (seed, rank, iteration), carries the stream seed in the checkpoint (ne
 draws one), and carries the recent EventStorage history so that smoothed metrics (metrics.json, the
 console) after a resume equal those of the uninterrupted run.
 """
+
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -52,7 +53,9 @@ class ExactResumeHook(HookBase):
         storage = getattr(self.trainer, "storage", None)
         if storage is not None:
             state["history"] = history_state(storage, HISTORY_WINDOW)
-        elif self._pending_history:  # loaded, not yet restored (before training): it is still the state
+        elif (
+            self._pending_history
+        ):  # loaded, not yet restored (before training): it is still the state
             state["history"] = self._pending_history
         return state
 

@@ -1,14 +1,22 @@
 """The acm_d2 Trainer: Detectron2's DefaultTrainer with COCO evaluation, multi-process CPU training,
 atomic checkpoints, exact resume, and a clear stop on a non-finite loss."""
+
 import logging
 import math
 import os
 import weakref
 
 import torch
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, create_ddp_model, hooks
-from detectron2.engine.train_loop import TrainerBase
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    HookBase,
+    SimpleTrainer,
+    create_ddp_model,
+    hooks,
+)
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -23,7 +31,13 @@ from .defaults import check_num_classes
 from .output_lock import lock_output_dir_on_main_process
 from .resume import ExactResumeHook
 
-__all__ = ["Trainer", "NonFiniteLossError", "RanksInSyncCheck", "build_step_trainer", "create_ddp_model_any_device"]
+__all__ = [
+    "Trainer",
+    "NonFiniteLossError",
+    "RanksInSyncCheck",
+    "build_step_trainer",
+    "create_ddp_model_any_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +93,24 @@ class RanksInSyncCheck(HookBase):
     def after_train(self):
         if comm.get_world_size() == 1 or self.trainer.iter < self.trainer.max_iter:
             return
-        model = self.trainer.model.module if hasattr(self.trainer.model, "module") else self.trainer.model
+        model = (
+            self.trainer.model.module
+            if hasattr(self.trainer.model, "module")
+            else self.trainer.model
+        )
         with torch.no_grad():
             mine = [float(p.double().sum()) for p in model.parameters()]
         everyone = comm.all_gather(mine)
         differing = [i for i, p in enumerate(mine) if any(other[i] != p for other in everyone)]
         if differing:
             names = [n for n, _ in model.named_parameters()]
-            logger.error(f"Ranks hold different weights after training in {len(differing)} tensors, e.g. {names[differing[0]]}")
+            logger.error(
+                f"Ranks hold different weights after training in {len(differing)} tensors, e.g. {names[differing[0]]}"
+            )
         else:
-            logger.info(f"Ranks hold identical weights after training ({comm.get_world_size()} processes compared)")
+            logger.info(
+                f"Ranks hold identical weights after training ({comm.get_world_size()} processes compared)"
+            )
 
 
 def create_ddp_model_any_device(model, **kwargs):
@@ -128,7 +150,12 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
         amp = cfg.SOLVER.AMP.ENABLED
-        set_inner_trainer(self, build_step_trainer(model, data_loader, optimizer, amp, amp_precision(cfg) if amp else None))
+        set_inner_trainer(
+            self,
+            build_step_trainer(
+                model, data_loader, optimizer, amp, amp_precision(cfg) if amp else None
+            ),
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -160,11 +187,15 @@ class Trainer(DefaultTrainer):
         dataset = get_detection_dataset_dicts(  # as Detectron2's training loader reads the datasets
             names,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+            if cfg.MODEL.KEYPOINT_ON
+            else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
         check_num_classes(cfg, names)
-        mapper = DatasetMapper(cfg, True, instance_mask_format=instance_mask_format(cfg, dataset, names))
+        mapper = DatasetMapper(
+            cfg, True, instance_mask_format=instance_mask_format(cfg, dataset, names)
+        )
         return build_resumable_train_loader(cfg, mapper, dataset=dataset)
 
     @classmethod
@@ -204,11 +235,17 @@ class Trainer(DefaultTrainer):
     def run_step(self):
         try:
             super().run_step()
-        except FloatingPointError as error:  # NonFiniteLossError, or Detectron2's own divergence checks
+        except (
+            FloatingPointError
+        ) as error:  # NonFiniteLossError, or Detectron2's own divergence checks
             self._stopped_on_nonfinite_loss = True
             if not isinstance(error, NonFiniteLossError):
                 error = f"Training diverged at iteration {self.iter}: {error} {DIVERGENCE_KNOBS}"
-            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+            last = (
+                self.checkpointer.get_checkpoint_file()
+                if self.checkpointer.has_checkpoint()
+                else ""
+            )
             raise NonFiniteLossError(
                 f"{error} Training stopped without saving; the last good checkpoint is "
                 f"{last or 'none (none was saved)'}."

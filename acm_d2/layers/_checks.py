@@ -1,4 +1,5 @@
 """Argument checks shared by the peer layers, so that their errors read the same."""
+
 import torch
 
 

@@ -1,4 +1,5 @@
 """Precision helper shared by the layers whose softmax must not run in half precision."""
+
 import torch
 
 

@@ -31,6 +31,7 @@ onnxruntime) and counts in fvcore's FLOP counter. torch.compile still gets the f
 The reference is written with matmul rather than einsum because ONNX has no einsum before opset 12
 and Detectron2 exports at opset 11.
 """
+
 from typing import List, Optional
 
 import torch
@@ -59,7 +60,11 @@ def _capturing_graph() -> bool:
     the operators they see into a graph meant to run without acm_d2 (scripting is told apart in forward).
     torch < 2.3 has no torch.compiler.is_exporting: there torch.export keeps the fused op."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
+    return (
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or (is_exporting is not None and is_exporting())
+    )
 
 
 class AttendAndCompare(nn.Module):
@@ -83,7 +88,14 @@ class AttendAndCompare(nn.Module):
     # Declared for TorchScript, which would otherwise type the attribute from its first value, None.
     orth_term: Optional[torch.Tensor]
 
-    def __init__(self, channels: int, num_groups: int = 32, reduction: int = 2, variant: str = "full", impl: str = "auto"):
+    def __init__(
+        self,
+        channels: int,
+        num_groups: int = 32,
+        reduction: int = 2,
+        variant: str = "full",
+        impl: str = "auto",
+    ):
         super().__init__()
         if variant not in ACM_VARIANTS:
             raise ValueError(f"ACM variant must be one of {sorted(ACM_VARIANTS)}, got {variant!r}")
@@ -99,12 +111,22 @@ class AttendAndCompare(nn.Module):
                 f"ACM needs channels // reduction ({channels} // {reduction}) to be a whole multiple "
                 f"of num_groups ({num_groups}); choose a reduction that divides {channels // num_groups}"
             )
-        self.channels, self.num_groups, self.reduction, self.variant, self.impl = channels, num_groups, reduction, variant, impl
+        self.channels, self.num_groups, self.reduction, self.variant, self.impl = (
+            channels,
+            num_groups,
+            reduction,
+            variant,
+            impl,
+        )
         self.use_k, self.use_q, self.use_p = ACM_VARIANTS[variant]
         # Parameter names mirror the roles (k/q logits, P's two convs); see
         # acm_d2/checkpoint for the mapping to the authors' add_mod/sub_mod/mul_mod names.
-        self.k_logits = nn.Conv2d(channels, num_groups, 1, groups=num_groups) if self.use_k else None
-        self.q_logits = nn.Conv2d(channels, num_groups, 1, groups=num_groups) if self.use_q else None
+        self.k_logits = (
+            nn.Conv2d(channels, num_groups, 1, groups=num_groups) if self.use_k else None
+        )
+        self.q_logits = (
+            nn.Conv2d(channels, num_groups, 1, groups=num_groups) if self.use_q else None
+        )
         hidden = channels // reduction
         self.p_reduce = nn.Conv2d(channels, hidden, 1, groups=num_groups) if self.use_p else None
         self.p_expand = nn.Conv2d(hidden, channels, 1, groups=num_groups) if self.use_p else None
@@ -126,7 +148,9 @@ class AttendAndCompare(nn.Module):
         if not self.use_k:
             return {}
         with torch.autocast(device_type=x.device.type, enabled=False):
-            attn = self._attention(at_least_float32(x)).permute(0, 3, 1, 2).unflatten(-1, x.shape[2:])  # B x heads x G x H x W
+            attn = (
+                self._attention(at_least_float32(x)).permute(0, 3, 1, 2).unflatten(-1, x.shape[2:])
+            )  # B x heads x G x H x W
         return dict(zip("KQ", attn.unbind(1)))
 
     @property
@@ -142,26 +166,37 @@ class AttendAndCompare(nn.Module):
             return False
         if self.impl == "fused":
             return True
-        return (x.is_cuda and triton_available()) or (x.device.type == "cpu" and _FUSED_FASTER_ON_CPU)
+        return (x.is_cuda and triton_available()) or (
+            x.device.type == "cpu" and _FUSED_FASTER_ON_CPU
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
-            raise ValueError(f"ACM built for {self.channels} channels got an input with {x.shape[1]}")
+            raise ValueError(
+                f"ACM built for {self.channels} channels got an input with {x.shape[1]}"
+            )
         # TorchScript compiles only this branch: the fused op is no deployment format, and an autocast region
         # needs a device type known at compile time, so a scripted model runs the reference as it is.
         if torch.jit.is_scripting():
             return self._forward_reference(x)
         if self.uses_fused(x):
             return self._forward_fused(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 whatever autocast says
+        with torch.autocast(
+            device_type=x.device.type, enabled=False
+        ):  # float32 whatever autocast says
             return self._forward_reference(x)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         # The fused op computes in float32 itself (autocast does not touch it) and stores y in x's dtype.
         q, p1, p2 = self.q_logits, self.p_reduce, self.p_expand
         y, self.orth_term = acm_fused(
-            x, self.k_logits.weight, self.k_logits.bias, q.weight if q else None, q.bias if q else None,
-            (p1.weight, p1.bias, p2.weight, p2.bias) if self.use_p else None, self.num_groups,
+            x,
+            self.k_logits.weight,
+            self.k_logits.bias,
+            q.weight if q else None,
+            q.bias if q else None,
+            (p1.weight, p1.bias, p2.weight, p2.bias) if self.use_p else None,
+            self.num_groups,
             need_orth=self.training and self.has_orth_term,
         )
         return y
@@ -187,7 +222,9 @@ class AttendAndCompare(nn.Module):
                     orth_term = (k * q).sum(dim=1) / C
             y = y + shift[:, :, None, None]
         if self.p_reduce is not None and self.p_expand is not None:
-            p = _conv1x1(mu[:, :, None, None], self.p_reduce.weight, self.p_reduce.bias, self.num_groups)
+            p = _conv1x1(
+                mu[:, :, None, None], self.p_reduce.weight, self.p_reduce.bias, self.num_groups
+            )
             p = _conv1x1(F.relu(p), self.p_expand.weight, self.p_expand.bias, self.num_groups)
             y = y * torch.sigmoid(p)
         self.orth_term = orth_term
@@ -201,10 +238,14 @@ class AttendAndCompare(nn.Module):
             logits.append(_conv1x1(x, self.k_logits.weight, self.k_logits.bias, self.num_groups))
         if self.q_logits is not None:
             logits.append(_conv1x1(x, self.q_logits.weight, self.q_logits.bias, self.num_groups))
-        return torch.stack(logits, dim=-1).flatten(2, 3).softmax(dim=2)  # B x G x H x W x heads -> B x G x HW x heads
+        return (
+            torch.stack(logits, dim=-1).flatten(2, 3).softmax(dim=2)
+        )  # B x G x H x W x heads -> B x G x HW x heads
 
 
-def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+def _conv1x1(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int
+) -> torch.Tensor:
     """A grouped 1x1 conv computed in x's dtype (float32 or float64) whatever the parameters' dtype."""
     if bias is not None:
         bias = bias.to(x.dtype)

@@ -23,6 +23,7 @@ the block an identity at the start of training.
 The energies, the softmax and the weighted sums run in float32 whatever the input dtype (autocast
 included); the 1x1 convs follow autocast. The parameters are expected in float32, as autocast keeps them.
 """
+
 import torch
 from torch import nn
 
@@ -58,9 +59,13 @@ class CrissCrossAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2):
         super().__init__()
-        query_width = reduced_width("CrissCrossAttention", channels, reduction, "the width of Q and K")
+        query_width = reduced_width(
+            "CrissCrossAttention", channels, reduction, "the width of Q and K"
+        )
         if recurrence < 1:
-            raise ValueError(f"CrissCrossAttention needs recurrence >= 1 (paper: 2), got {recurrence}")
+            raise ValueError(
+                f"CrissCrossAttention needs recurrence >= 1 (paper: 2), got {recurrence}"
+            )
         self.channels, self.reduction, self.recurrence = channels, reduction, recurrence
         self.query = nn.Conv2d(channels, query_width, 1)
         self.key = nn.Conv2d(channels, query_width, 1)
@@ -93,7 +98,9 @@ class CrissCrossAttention(nn.Module):
                 attended = self._aggregate(query, key, value)
         return x + attended.to(x.dtype)
 
-    def _aggregate(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _aggregate(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
         """gamma * the criss-cross weighted sum of value, in float32 (float64 for float64 inputs)."""
         H = query.shape[2]
         weights = criss_cross_weights(at_least_float32(query), at_least_float32(key))

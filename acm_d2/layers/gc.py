@@ -17,6 +17,7 @@ softmax over H*W positions and the H*W-long weighted sum lose too much precision
 transform works on B x C x 1 x 1 only, so float32 costs nothing noticeable. The parameters are
 expected in float32, as autocast keeps them.
 """
+
 import torch
 from torch import nn
 

@@ -22,6 +22,7 @@ in a few res4 blocks only.
 The logits, the softmax and the weighted sum run in float32 whatever the input dtype (autocast
 included); the 1x1 convs follow autocast. The parameters are expected in float32, as autocast keeps them.
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F

@@ -12,6 +12,7 @@ r divides), and the convs take the same initialisation as ACM (kaiming normal, f
 so that the one-key comparison with ACM starts from the same kind of weights; the paper's Caffe code
 used MSRA initialisation as well.
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F

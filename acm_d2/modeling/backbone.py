@@ -3,6 +3,7 @@
 Everything but the context modules keeps Detectron2's structure and parameter names, so Detectron2's
 ImageNet and COCO checkpoints load with only the context modules' parameters missing.
 """
+
 import functools
 
 from detectron2.layers import ShapeSpec
@@ -25,7 +26,13 @@ __all__ = [
     "make_context_stages_from_config",
 ]
 
-NUM_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+NUM_BLOCKS_PER_STAGE = {
+    18: [2, 2, 2, 2],
+    34: [3, 4, 6, 3],
+    50: [3, 4, 6, 3],
+    101: [3, 4, 23, 3],
+    152: [3, 8, 36, 3],
+}
 
 
 class _ContextMixin:
@@ -102,7 +109,9 @@ def make_context_stages(
         one list of blocks per stage in `stages`.
     """
     if depth not in NUM_BLOCKS_PER_STAGE:
-        raise ValueError(f"ResNet depth {depth} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}")
+        raise ValueError(
+            f"ResNet depth {depth} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}"
+        )
     basic = depth < 50
     if res2_out_channels is None:
         res2_out_channels = 64 if basic else 256
@@ -120,7 +129,9 @@ def make_context_stages(
             in_channels=stem_out_channels if idx == 0 else out_channels // 2,
             out_channels=out_channels,
             norm=norm,
-            context_per_block=[context(stage, i, num_blocks, out_channels) for i in range(num_blocks)],
+            context_per_block=[
+                context(stage, i, num_blocks, out_channels) for i in range(num_blocks)
+            ],
         )
         if basic:
             kwargs["block_class"] = ContextBasicBlock
@@ -149,12 +160,20 @@ def make_context_stages_from_config(cfg, stages):
     check_model_config(cfg)
     r = cfg.MODEL.RESNETS
     if r.DEPTH not in NUM_BLOCKS_PER_STAGE:
-        raise ValueError(f"cfg.MODEL.RESNETS.DEPTH = {r.DEPTH} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}")
+        raise ValueError(
+            f"cfg.MODEL.RESNETS.DEPTH = {r.DEPTH} is invalid; allowed: {sorted(NUM_BLOCKS_PER_STAGE)}"
+        )
     if any(r.DEFORM_ON_PER_STAGE):
-        raise ValueError("cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable blocks are not supported by the ACM backbones")
+        raise ValueError(
+            "cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable blocks are not supported by the ACM backbones"
+        )
     if r.RES5_DILATION not in (1, 2):
-        raise ValueError(f"cfg.MODEL.RESNETS.RES5_DILATION = {r.RES5_DILATION} is invalid; allowed: 1, 2")
-    if r.DEPTH in (18, 34) and (r.RES2_OUT_CHANNELS != 64 or r.NUM_GROUPS != 1 or r.RES5_DILATION != 1):
+        raise ValueError(
+            f"cfg.MODEL.RESNETS.RES5_DILATION = {r.RES5_DILATION} is invalid; allowed: 1, 2"
+        )
+    if r.DEPTH in (18, 34) and (
+        r.RES2_OUT_CHANNELS != 64 or r.NUM_GROUPS != 1 or r.RES5_DILATION != 1
+    ):
         raise ValueError(
             "R-18/34 need cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64, NUM_GROUPS = 1 and RES5_DILATION = 1"
         )
@@ -183,7 +202,9 @@ def build_acm_resnet_backbone(cfg, input_shape: ShapeSpec):
     """
     r = cfg.MODEL.RESNETS
     last = max(RESNET_STAGES.index(f) for f in r.OUT_FEATURES if f in RESNET_STAGES)
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
+    stem = BasicStem(
+        in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM
+    )
     stages = make_context_stages_from_config(cfg, RESNET_STAGES[: last + 1])
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 

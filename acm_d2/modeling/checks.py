@@ -3,6 +3,7 @@ context modules, which meta-architectures add the orthogonal loss. They run wher
 (the ACM backbones and meta-architectures call `check_model_config`), so `build_model(cfg)` in a
 user's own code gets them as tools/train_net.py does.
 """
+
 import logging
 
 from detectron2.config import get_cfg
@@ -39,7 +40,12 @@ def _non_default_keys(cfg, nodes):
         return list(v) if isinstance(v, (list, tuple)) else v
 
     nodes_ = [n for n in nodes if n != "CONTEXT_MODULE"]
-    keys = [f"MODEL.{n}.{k}" for n in nodes_ for k in cfg.MODEL[n] if norm(cfg.MODEL[n][k]) != norm(default.MODEL[n][k])]
+    keys = [
+        f"MODEL.{n}.{k}"
+        for n in nodes_
+        for k in cfg.MODEL[n]
+        if norm(cfg.MODEL[n][k]) != norm(default.MODEL[n][k])
+    ]
     if "CONTEXT_MODULE" in nodes and cfg.MODEL.CONTEXT_MODULE != default.MODEL.CONTEXT_MODULE:
         keys.insert(0, "MODEL.CONTEXT_MODULE")
     return keys
@@ -58,7 +64,9 @@ def check_context_keys(cfg) -> None:
       * keys of another context module's node than MODEL.CONTEXT_MODULE (e.g. MODEL.ACM.* while SE is used);
       * an ACM meta-architecture whose backbone has no ACM (its `loss_acm_orth` is simply absent).
     """
-    from .meta_arch import _OrthLossMixin  # the meta-architectures build backbones: imported when needed
+    from .meta_arch import (
+        _OrthLossMixin,  # the meta-architectures build backbones: imported when needed
+    )
 
     log = logging.getLogger("acm_d2")
     backbone, module = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.CONTEXT_MODULE
@@ -74,7 +82,9 @@ def check_context_keys(cfg) -> None:
         log.warning(f"cfg.{', cfg.'.join(ignored)} are ignored: MODEL.CONTEXT_MODULE is {module!r}")
     has_acm = backbone in CONTEXT_BACKBONES and module == "ACM" and len(cfg.MODEL.ACM.STAGES) > 0
     meta = cfg.MODEL.META_ARCHITECTURE
-    adds_orth_loss = meta in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(meta), _OrthLossMixin)
+    adds_orth_loss = meta in META_ARCH_REGISTRY and issubclass(
+        META_ARCH_REGISTRY.get(meta), _OrthLossMixin
+    )
     weight = cfg.MODEL.ACM.ORTH_LOSS_WEIGHT
     if has_acm and not adds_orth_loss and weight > 0:
         raise ValueError(
@@ -83,4 +93,6 @@ def check_context_keys(cfg) -> None:
             "acm_d2.modeling.meta_arch), or set MODEL.ACM.ORTH_LOSS_WEIGHT 0 to train ACM without it"
         )
     if adds_orth_loss and not has_acm and weight > 0:
-        log.warning(f"MODEL.META_ARCHITECTURE = {meta!r} but the backbone has no ACM: there is no loss_acm_orth")
+        log.warning(
+            f"MODEL.META_ARCHITECTURE = {meta!r} but the backbone has no ACM: there is no loss_acm_orth"
+        )

@@ -1,5 +1,6 @@
 """Context modules that the acm_d2 backbones can put into ResNet blocks, chosen by
 cfg.MODEL.CONTEXT_MODULE. A new module needs one file in acm_d2/layers and one entry here."""
+
 import functools
 
 from detectron2.config import CfgNode
@@ -54,7 +55,13 @@ def ACM(cfg, stage, block_index, num_blocks, channels):
     acm = cfg.MODEL.ACM
     if not is_block_selected("MODEL.ACM", acm.STAGES, [], stage, block_index, num_blocks):
         return None
-    return AttendAndCompare(channels, num_groups=acm.NUM_GROUPS, reduction=acm.REDUCTION, variant=acm.VARIANT, impl=acm.IMPL)
+    return AttendAndCompare(
+        channels,
+        num_groups=acm.NUM_GROUPS,
+        reduction=acm.REDUCTION,
+        variant=acm.VARIANT,
+        impl=acm.IMPL,
+    )
 
 
 def _register_placed(name, make):
@@ -63,7 +70,9 @@ def _register_placed(name, make):
 
     def entry(cfg, stage, block_index, num_blocks, channels):
         node = cfg.MODEL[name]
-        if not is_block_selected(f"MODEL.{name}", node.STAGES, node.BLOCKS, stage, block_index, num_blocks):
+        if not is_block_selected(
+            f"MODEL.{name}", node.STAGES, node.BLOCKS, stage, block_index, num_blocks
+        ):
             return None
         return make(node, channels)
 
@@ -76,7 +85,10 @@ _register_placed("SE", lambda se, channels: SqueezeExcite(channels, reduction=se
 _register_placed("GC", lambda gc, channels: GlobalContext(channels, ratio=gc.RATIO))
 _register_placed("NL", lambda nl, channels: NonLocal2d(channels))
 _register_placed(
-    "CC", lambda cc, channels: CrissCrossAttention(channels, reduction=cc.REDUCTION, recurrence=cc.RECURRENCE)
+    "CC",
+    lambda cc, channels: CrissCrossAttention(
+        channels, reduction=cc.REDUCTION, recurrence=cc.RECURRENCE
+    ),
 )
 
 
@@ -106,14 +118,18 @@ def context_builder(name="ACM", **nodes):
 
     from ..config import add_acm_config, validate_acm_config
 
-    cfg = CfgNode({"MODEL": CfgNode(), "SOLVER": CfgNode({"AMP": CfgNode()})})  # the nodes add_acm_config extends
+    cfg = CfgNode(
+        {"MODEL": CfgNode(), "SOLVER": CfgNode({"AMP": CfgNode()})}
+    )  # the nodes add_acm_config extends
     add_acm_config(cfg)
     cfg.MODEL.CONTEXT_MODULE = name
     for node, values in nodes.items():
         if isinstance(values, DictConfig):  # a LazyConfig passes its dicts as they are
             values = OmegaConf.to_container(values, resolve=True)
         if node not in cfg.MODEL or not isinstance(cfg.MODEL[node], CfgNode):
-            raise KeyError(f"context_builder({node}=...): no such node; allowed: ACM, SE, GC, NL, CC")
+            raise KeyError(
+                f"context_builder({node}=...): no such node; allowed: ACM, SE, GC, NL, CC"
+            )
         cfg.MODEL[node].merge_from_other_cfg(CfgNode(dict(values)))
     validate_acm_config(cfg)
     cfg.freeze()

@@ -4,20 +4,34 @@ One mixin serves every Detectron2 meta-architecture: `ACM<Name>` is `<Name>` plu
 (ACMGeneralizedRCNN for Mask/Faster/Cascade R-CNN, FPN or C4, ACMRetinaNet, ACMPanopticFPN, ...). Inference is
 the base class's, unchanged; torch.jit.script compiles the base class (see __prepare_scriptable__).
 """
+
 import copy
 import re
 from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, PanopticFPN, RetinaNet, SemanticSegmentor
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    GeneralizedRCNN,
+    PanopticFPN,
+    RetinaNet,
+    SemanticSegmentor,
+)
 from detectron2.modeling.meta_arch import FCOS
 from torch import nn
 
 from ..layers.acm import AttendAndCompare
 from .checks import check_model_config
 
-__all__ = ["OrthogonalLoss", "ACMGeneralizedRCNN", "ACMRetinaNet", "ACMFCOS", "ACMPanopticFPN", "ACMSemanticSegmentor"]
+__all__ = [
+    "OrthogonalLoss",
+    "ACMGeneralizedRCNN",
+    "ACMRetinaNet",
+    "ACMFCOS",
+    "ACMPanopticFPN",
+    "ACMSemanticSegmentor",
+]
 
 _LAST_STAGE = re.compile(r"(^|\.)res5\.")
 
@@ -40,7 +54,11 @@ class OrthogonalLoss:
 
     def __init__(self, model: nn.Module, weight: float, mode: str):
         self.weight, self.mode = weight, mode
-        named = [(n, m) for n, m in model.named_modules() if isinstance(m, AttendAndCompare) and m.has_orth_term]
+        named = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, AttendAndCompare) and m.has_orth_term
+        ]
         if mode == "official":
             in_res5 = [(n, m) for n, m in named if _LAST_STAGE.search(n)]
             if named and not in_res5:
@@ -56,7 +74,9 @@ class OrthogonalLoss:
         terms = []
         for name, module in self.modules:
             if module.orth_term is None:
-                raise RuntimeError(f"ACM {name} has no orthogonality term: was the model run in training mode?")
+                raise RuntimeError(
+                    f"ACM {name} has no orthogonality term: was the model run in training mode?"
+                )
             terms.append(module.orth_term)
             module.orth_term = None  # release the graph it holds
         if not terms:
@@ -89,7 +109,10 @@ class _OrthLossMixin:
     def from_config(cls, cfg):
         check_model_config(cfg)
         ret = super().from_config(cfg)
-        ret.update(orth_loss_weight=cfg.MODEL.ACM.ORTH_LOSS_WEIGHT, orth_loss_mode=cfg.MODEL.ACM.ORTH_LOSS_MODE)
+        ret.update(
+            orth_loss_weight=cfg.MODEL.ACM.ORTH_LOSS_WEIGHT,
+            orth_loss_mode=cfg.MODEL.ACM.ORTH_LOSS_MODE,
+        )
         return ret
 
     def forward(self, batched_inputs):
@@ -103,7 +126,9 @@ class _OrthLossMixin:
         base meta-architecture (under this class's name). TorchScript cannot compile super() in forward,
         and the loss it adds exists only in training, which scripting does not export
         (detectron2.export.scripting_with_instances takes models in eval mode)."""
-        scriptable = copy.copy(self)  # a new __dict__ sharing the submodules, parameters and buffers
+        scriptable = copy.copy(
+            self
+        )  # a new __dict__ sharing the submodules, parameters and buffers
         scriptable.__class__ = self._scriptable_class
         del scriptable.orth_loss
         return scriptable
@@ -115,10 +140,18 @@ def with_orth_loss(base: type) -> type:
     # The two classes share one annotations dict: detectron2.export.freeze_training_mode marks `training`
     # constant there for the classes of the model's modules, and the scripted class must see it too.
     annotations = {}
-    cls = type(name, (_OrthLossMixin, base), {"__module__": __name__, "__annotations__": annotations})
-    cls._scriptable_class = type(name, (base,), {"__module__": __name__, "__annotations__": annotations})
-    cls.__doc__ = f"Detectron2's {base.__name__} plus ACM's orthogonal loss (`loss_acm_orth`) in training."
-    META_ARCH_REGISTRY.register(cls)  # returns None when given the class (only the decorator form returns it)
+    cls = type(
+        name, (_OrthLossMixin, base), {"__module__": __name__, "__annotations__": annotations}
+    )
+    cls._scriptable_class = type(
+        name, (base,), {"__module__": __name__, "__annotations__": annotations}
+    )
+    cls.__doc__ = (
+        f"Detectron2's {base.__name__} plus ACM's orthogonal loss (`loss_acm_orth`) in training."
+    )
+    META_ARCH_REGISTRY.register(
+        cls
+    )  # returns None when given the class (only the decorator form returns it)
     return cls
 
 

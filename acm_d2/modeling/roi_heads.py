@@ -11,6 +11,7 @@ so Detectron2 C4 checkpoints load with only the context modules missing.
 In the head, a module's batch is the sampled regions (512 per image in training), not the images: an
 ACM's orthogonality term there is per region, and the loss takes its mean over the regions.
 """
+
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
 from torch import nn
 

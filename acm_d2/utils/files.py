@@ -2,6 +2,7 @@
 
 Shared by the checkpointer, the converters, the dataset generator and the self-test.
 """
+
 import os
 import tempfile
 
@@ -14,7 +15,9 @@ def check_output_path(output: str, input: str) -> None:
     """Refuse (ValueError) an output path that is the input file (the same path, or the same file through
     a link), a folder, or in a folder that does not exist: said plainly before any work is done."""
     if os.path.exists(output) and os.path.exists(input) and os.path.samefile(output, input):
-        raise ValueError(f"the output {output!r} is the input file {input!r}: writing it would destroy the input; give another output path")
+        raise ValueError(
+            f"the output {output!r} is the input file {input!r}: writing it would destroy the input; give another output path"
+        )
     if os.path.isdir(output):
         raise ValueError(f"the output {output!r} is a folder; give a file path")
     folder = os.path.dirname(os.path.abspath(output))

@@ -1,4 +1,5 @@
 """Figures: ACM attention maps (the paper's Fig. 4) and training-loss curves."""
+
 from .attention import (  # noqa: F401
     acm_modules,
     capture_attention,

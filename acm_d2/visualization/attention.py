@@ -6,6 +6,7 @@ layers/acm.py), so what is shown is what the module pools. `select_groups` picks
 the groups whose K or Q map puts the most attention on the ground-truth masks, and `render_attention`
 draws the maps over the image with the ground-truth contours.
 """
+
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -37,7 +38,9 @@ def acm_modules(model: torch.nn.Module) -> "OrderedDict[str, AttendAndCompare]":
     """
     model = getattr(model, "module", model)  # DistributedDataParallel
     found = OrderedDict(
-        (name, m) for name, m in model.named_modules() if isinstance(m, AttendAndCompare) and m.use_k
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, AttendAndCompare) and m.use_k
     )
     if not found:
         raise ValueError(
@@ -62,17 +65,28 @@ def resolve_modules(model: torch.nn.Module, requested: Optional[Sequence[str]]) 
     resolved = []
     for req in requested:
         req = req[: -len(".context")] if req.endswith(".context") else req
-        matches = [n for n in names if n == req or n.endswith("." + req) or n.endswith("." + req + ".context")]
+        matches = [
+            n
+            for n in names
+            if n == req or n.endswith("." + req) or n.endswith("." + req + ".context")
+        ]
         if len(matches) != 1:
             why = "matches no" if not matches else f"is ambiguous among {len(matches)}"
-            raise ValueError(f"module {req!r} {why} ACM module; the model's ACM modules are: {', '.join(names)}")
+            raise ValueError(
+                f"module {req!r} {why} ACM module; the model's ACM modules are: {', '.join(names)}"
+            )
         resolved.append(matches[0])
     return resolved
 
 
 @torch.no_grad()
 def capture_attention(
-    model, image_bgr: np.ndarray, names: Sequence[str], min_size: int, max_size: int, resize: bool = True
+    model,
+    image_bgr: np.ndarray,
+    names: Sequence[str],
+    min_size: int,
+    max_size: int,
+    resize: bool = True,
 ) -> Dict[str, Maps]:
     """The K and Q maps of the ACM modules `names` for one image (H x W x 3 uint8, BGR as cv2 reads it).
 
@@ -86,11 +100,17 @@ def capture_attention(
     model = getattr(model, "module", model)
     modules = acm_modules(model)
     height, width = image_bgr.shape[:2]
-    resized = T.ResizeShortestEdge([min_size, min_size], max_size).get_transform(image_bgr).apply_image(image_bgr)
+    resized = (
+        T.ResizeShortestEdge([min_size, min_size], max_size)
+        .get_transform(image_bgr)
+        .apply_image(image_bgr)
+    )
     tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
     raw: Dict[str, Dict[str, torch.Tensor]] = {}
     hooks = [
-        modules[name].register_forward_pre_hook(lambda m, inputs, name=name: raw.__setitem__(name, m.attention_maps(inputs[0])))
+        modules[name].register_forward_pre_hook(
+            lambda m, inputs, name=name: raw.__setitem__(name, m.attention_maps(inputs[0]))
+        )
         for name in names
     ]
     was_training = model.training
@@ -108,18 +128,25 @@ def capture_attention(
         out[name] = {}
         for head, attn in maps.items():  # 1 x G x h x w
             h, w = attn.shape[-2:]
-            valid = attn[0, :, : int(np.ceil(h * resized.shape[0] / padded_h)), : int(np.ceil(w * resized.shape[1] / padded_w))]
+            valid = attn[
+                0,
+                :,
+                : int(np.ceil(h * resized.shape[0] / padded_h)),
+                : int(np.ceil(w * resized.shape[1] / padded_w)),
+            ]
             valid = valid.float().cpu().numpy()
             if not resize:
                 out[name][head] = valid
                 continue
-            up = np.stack([cv2.resize(a, (width, height), interpolation=cv2.INTER_LINEAR) for a in valid])
+            up = np.stack(
+                [cv2.resize(a, (width, height), interpolation=cv2.INTER_LINEAR) for a in valid]
+            )
             out[name][head] = up / np.maximum(up.sum(axis=(1, 2), keepdims=True), 1e-12)
     return out
 
 
 def short_name(name: str) -> str:
-    """"backbone.bottom_up.res4.1.context" -> "res4.1", for titles."""
+    """ "backbone.bottom_up.res4.1.context" -> "res4.1", for titles."""
     return name.replace("backbone.bottom_up.", "").replace(".context", "")
 
 
@@ -135,21 +162,31 @@ def overlap_scores(maps: Maps, mask: np.ndarray) -> np.ndarray:
     return np.max([(m * mask[None]).sum(axis=(1, 2)) for m in maps.values()], axis=0)
 
 
-def select_groups(maps_per_image: Sequence[Maps], masks: Sequence[np.ndarray], top: int = 1) -> List[int]:
+def select_groups(
+    maps_per_image: Sequence[Maps], masks: Sequence[np.ndarray], top: int = 1
+) -> List[int]:
     """The `top` groups whose K or Q maps overlap the ground-truth masks most, on average over the images
     (the paper's choice for its Fig. 4), best first."""
-    scores = np.mean([overlap_scores(maps, mask) for maps, mask in zip(maps_per_image, masks)], axis=0)
+    scores = np.mean(
+        [overlap_scores(maps, mask) for maps, mask in zip(maps_per_image, masks)], axis=0
+    )
     return [int(g) for g in np.argsort(-scores, kind="stable")[:top]]
 
 
-def _overlay(image_bgr: np.ndarray, attn: Optional[np.ndarray], mask: Optional[np.ndarray]) -> np.ndarray:
+def _overlay(
+    image_bgr: np.ndarray, attn: Optional[np.ndarray], mask: Optional[np.ndarray]
+) -> np.ndarray:
     """RGB: the image, the attention (normalised to its maximum, jet) blended over it, GT contours in white."""
     rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
     if attn is not None:
-        heat = cv2.applyColorMap(np.uint8(255 * attn / max(float(attn.max()), 1e-12)), cv2.COLORMAP_JET)
+        heat = cv2.applyColorMap(
+            np.uint8(255 * attn / max(float(attn.max()), 1e-12)), cv2.COLORMAP_JET
+        )
         rgb = cv2.addWeighted(rgb, 0.45, cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), 0.55, 0)
     if mask is not None:
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        contours, _ = cv2.findContours(
+            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
         cv2.drawContours(rgb, contours, -1, (255, 255, 255), 1)
     return rgb
 
@@ -163,12 +200,16 @@ def render_attention(output_png: str, rows: Sequence[Dict], title: str = "") -> 
     from matplotlib import pyplot as plt
 
     heads = sorted({h for row in rows for h in row["maps"]})
-    fig, axes = plt.subplots(len(rows), 1 + len(heads), figsize=(2.4 * (1 + len(heads)), 2.5 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), 1 + len(heads), figsize=(2.4 * (1 + len(heads)), 2.5 * len(rows)), squeeze=False
+    )
     for r, row in enumerate(rows):
         panels = [(_overlay(row["image"], None, row.get("mask")), row.get("label", "image"))]
         for head in heads:
             attn = row["maps"][head][row["group"]] if head in row["maps"] else None
-            panels.append((_overlay(row["image"], attn, row.get("mask")), f"{head}, group {row['group']}"))
+            panels.append(
+                (_overlay(row["image"], attn, row.get("mask")), f"{head}, group {row['group']}")
+            )
         for ax, (picture, label) in zip(axes[r], panels):
             ax.imshow(picture)
             ax.set_title(label, fontsize=8)

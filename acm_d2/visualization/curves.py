@@ -1,4 +1,5 @@
 """Training-loss curves from Detectron2's metrics.json (one JSON object per line, written by JSONWriter)."""
+
 import json
 from typing import Dict, List, Optional, Sequence
 
@@ -12,7 +13,9 @@ def read_metrics(metrics_json: str) -> List[Dict]:
     return [r for r in rows if "iteration" in r]
 
 
-def plot_loss_curve(metrics_json: str, output_png: str, keys: Optional[Sequence[str]] = None) -> List[str]:
+def plot_loss_curve(
+    metrics_json: str, output_png: str, keys: Optional[Sequence[str]] = None
+) -> List[str]:
     """Plot total_loss and every loss_* key (or `keys`) against the iteration, log y axis, to output_png.
 
     Returns the keys plotted. Uses matplotlib's Agg backend (no display needed). A ValueError names the

@@ -5,6 +5,7 @@ Detectron2's ViTDet project does, not copied.
 
     python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_R_50_FPN_1x.py --num-gpus 8
 """
+
 from detectron2 import model_zoo
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader

@@ -8,6 +8,7 @@ model.orth_loss_weight / model.orth_loss_mode. E.g. the authors' placement and l
     python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_acm_R_50_FPN_1x.py \
         'model.backbone.bottom_up.stages.context.ACM.STAGES=[res3,res4,res5]' model.orth_loss_mode=official
 """
+
 from detectron2.config import LazyCall as L
 
 from acm_d2.modeling import ACMGeneralizedRCNN, context_builder, make_context_stages

@@ -3,6 +3,7 @@
 `op.py` holds the maths, the public `acm_fused` and its `torch.library` op pair; `torch_backend.py`
 computes it with batched matmuls (any device), `triton_backend.py` with Triton kernels (CUDA).
 """
+
 from .op import BACKENDS, FUSED_VARIANTS, acm_fused, triton_available, triton_failures  # noqa: F401
 
 __all__ = ["BACKENDS", "FUSED_VARIANTS", "acm_fused", "triton_available", "triton_failures"]

@@ -13,6 +13,7 @@ them. It is a check of resources, not of results: only a GPU run says the kernel
 
     python -m acm_d2.layers.acm_fused.aot --arch 90 --dtype bfloat16 --groups 32
 """
+
 import argparse
 import contextlib
 import os
@@ -70,7 +71,11 @@ def check_triton_api():
     from triton.runtime import jit
 
     missing = [n for n in ("create_function_from_signature",) if not hasattr(jit, n)]
-    missing += [n for n in ("_pack_args", "signature", "params") if not hasattr(triton_backend._fwd_reduce_kernel, n)]
+    missing += [
+        n
+        for n in ("_pack_args", "signature", "params")
+        if not hasattr(triton_backend._fwd_reduce_kernel, n)
+    ]
     if missing:
         raise RuntimeError(
             f"acm_d2's ahead-of-time kernel check uses Triton internals that Triton {triton.__version__} "
@@ -78,7 +83,13 @@ def check_triton_api():
         )
 
 
-def meta_inputs(shape, groups: int, variant: str = "full", dtype: torch.dtype = torch.float32, reduction: int = 2):
+def meta_inputs(
+    shape,
+    groups: int,
+    variant: str = "full",
+    dtype: torch.dtype = torch.float32,
+    reduction: int = 2,
+):
     """x and the ACM weights of one layer as `meta` tensors (shapes only): (x, k_weight, q_weight, p_params)."""
     C = shape[1]
     meta = dict(device="meta")
@@ -88,7 +99,10 @@ def meta_inputs(shape, groups: int, variant: str = "full", dtype: torch.dtype = 
     qw = None if variant == "no_q" else torch.empty_like(kw)
     p_params = None
     if variant != "no_p":
-        p_params = tuple(torch.empty(s, **meta) for s in [(hidden, cg, 1, 1), (hidden,), (C, hidden // groups, 1, 1), (C,)])
+        p_params = tuple(
+            torch.empty(s, **meta)
+            for s in [(hidden, cg, 1, 1), (hidden,), (C, hidden // groups, 1, 1), (C,)]
+        )
     return x, kw, qw, p_params
 
 
@@ -97,7 +111,10 @@ def _dry_run(shape, groups, variant, dtype, num_sms, launch, backward_mode=conte
     the kernel launches; the backward runs inside backward_mode()."""
     x, kw, qw, p_params = meta_inputs(shape, groups, variant, dtype)
     need_orth = qw is not None
-    with mock.patch.object(triton_backend, "_launch", launch), mock.patch.object(triton_backend, "_num_sms", lambda t: num_sms):
+    with (
+        mock.patch.object(triton_backend, "_launch", launch),
+        mock.patch.object(triton_backend, "_num_sms", lambda t: num_sms),
+    ):
         _, _, mu, pooled, lse, p = triton_backend.forward(x, kw, qw, p_params, groups, need_orth)
         grad_d = torch.empty((shape[0],), device="meta") if need_orth else None
         grad_y = torch.empty_like(x)
@@ -105,10 +122,19 @@ def _dry_run(shape, groups, variant, dtype, num_sms, launch, backward_mode=conte
             triton_backend.backward(grad_y, grad_d, x, kw, qw, p_params, mu, pooled, lse, p, groups)
 
 
-def record_launches(shape, groups: int, variant: str, dtype: torch.dtype, num_sms: int) -> List[Launch]:
+def record_launches(
+    shape, groups: int, variant: str, dtype: torch.dtype, num_sms: int
+) -> List[Launch]:
     """The launches of one training forward + backward (orth term included where the variant has it)."""
     launches: List[Launch] = []
-    _dry_run(shape, groups, variant, dtype, num_sms, lambda k, grid, *a, **m: launches.append(Launch(k, grid, a, m)))
+    _dry_run(
+        shape,
+        groups,
+        variant,
+        dtype,
+        num_sms,
+        lambda k, grid, *a, **m: launches.append(Launch(k, grid, a, m)),
+    )
     return launches
 
 
@@ -127,12 +153,26 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int,
-          torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten._unsafe_view.default,
-          torch.ops.aten.alias.default, torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default}
+_VIEWS = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.select.int,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.unsqueeze.default,
+}
 
 
-def backward_scratch_bytes(shape, groups: int = 32, variant: str = "full", dtype: torch.dtype = torch.float32, num_sms: int = 132) -> int:
+def backward_scratch_bytes(
+    shape,
+    groups: int = 32,
+    variant: str = "full",
+    dtype: torch.dtype = torch.float32,
+    num_sms: int = 132,
+) -> int:
     """Bytes the Triton backward allocates besides dx (the x-sized gradient it must return), for an
     input of `shape` on a GPU with num_sms SMs; computed on meta tensors, no GPU needed."""
     alloc = _Allocations()
@@ -156,7 +196,9 @@ def specialise(launch: Launch, arch: int):
     target = GPUTarget("cuda", arch, 32)
     backend, binder = _binder(launch.kernel, target)
     bound_args, specialization, options = binder(*launch.args, **launch.meta)
-    options, signature, constexprs, attrs = launch.kernel._pack_args(backend, launch.meta, bound_args, specialization, options)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(
+        backend, launch.meta, bound_args, specialization, options
+    )
     return target, ASTSource(launch.kernel, signature, constexprs, attrs), options
 
 
@@ -178,13 +220,22 @@ def ptxas_resources(ptx: str, arch: int) -> Dict[str, int]:
             f.write(ptx)
         out = subprocess.run(
             [_ptxas(), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stderr
     regs = _PTXAS_LINE.search(out)
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    frame = re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out
+    )
     if regs is None or frame is None:
         raise RuntimeError(f"could not read ptxas -v output:\n{out}")
-    return dict(registers=int(regs.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
+    return dict(
+        registers=int(regs.group(1)),
+        stack=int(frame.group(1)),
+        spill_stores=int(frame.group(2)),
+        spill_loads=int(frame.group(3)),
+    )
 
 
 def compile_launches(launches: List[Launch], arch: int, cache: Dict = None) -> List[KernelReport]:
@@ -195,20 +246,40 @@ def compile_launches(launches: List[Launch], arch: int, cache: Dict = None) -> L
     reports = []
     for launch in launches:
         target, src, options = specialise(launch, arch)
-        key = (launch.kernel.fn.__name__, arch, repr(sorted(src.signature.items())), repr(sorted(src.constants.items())), repr(src.attrs), options.num_warps)
+        key = (
+            launch.kernel.fn.__name__,
+            arch,
+            repr(sorted(src.signature.items())),
+            repr(sorted(src.constants.items())),
+            repr(src.attrs),
+            options.num_warps,
+        )
         if key not in cache:
             compiled = triton.compile(src, target=target, options=options.__dict__)
             res = ptxas_resources(compiled.asm["ptx"], arch)
-            x_dtype = next(str(a.dtype).replace("torch.", "") for a in launch.args if isinstance(a, torch.Tensor))
+            x_dtype = next(
+                str(a.dtype).replace("torch.", "")
+                for a in launch.args
+                if isinstance(a, torch.Tensor)
+            )
             cache[key] = KernelReport(
-                launch.kernel.fn.__name__, arch, x_dtype, res["registers"], res["spill_stores"], res["spill_loads"],
-                res["stack"], compiled.metadata.shared, compiled.metadata.num_warps,
+                launch.kernel.fn.__name__,
+                arch,
+                x_dtype,
+                res["registers"],
+                res["spill_stores"],
+                res["spill_loads"],
+                res["stack"],
+                compiled.metadata.shared,
+                compiled.metadata.num_warps,
             )
         reports.append(cache[key])
     return reports
 
 
-def check_matrix(shapes, groups, dtypes, archs, variants=("full",), cache=None) -> List[Tuple[str, int, KernelReport]]:
+def check_matrix(
+    shapes, groups, dtypes, archs, variants=("full",), cache=None
+) -> List[Tuple[str, int, KernelReport]]:
     """(shape name, G, report) for every launch of every combination; shapes where G does not divide
     the channels (or the hidden width) are skipped."""
     check_triton_api()
@@ -227,21 +298,29 @@ def check_matrix(shapes, groups, dtypes, archs, variants=("full",), cache=None) 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--groups", nargs="+", type=int, default=list(GROUPS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--archs", nargs="+", type=int, default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument(
+        "--archs", nargs="+", type=int, default=list(TARGETS), choices=list(TARGETS)
+    )
     parser.add_argument("--variants", nargs="+", default=["full"], choices=["full", "no_p", "no_q"])
     args = parser.parse_args()
     rows = check_matrix(args.shapes, args.groups, args.dtypes, args.archs, args.variants)
-    print(f"{'shape':<12} {'G':>4} {'kernel':<20} {'sm':>3} {'dtype':<9} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'smem':>6} {'warps':>5}")
+    print(
+        f"{'shape':<12} {'G':>4} {'kernel':<20} {'sm':>3} {'dtype':<9} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'smem':>6} {'warps':>5}"
+    )
     seen = set()
     for name, g, r in rows:
         if (name, g, r) in seen:
             continue
         seen.add((name, g, r))
-        print(f"{name:<12} {g:>4} {r.kernel:<20} {r.arch:>3} {r.dtype:<9} {r.registers:>5} {r.spill_stores:>5}/{r.spill_loads:<6} {r.stack:>6} {r.shared:>6} {r.num_warps:>5}")
+        print(
+            f"{name:<12} {g:>4} {r.kernel:<20} {r.arch:>3} {r.dtype:<9} {r.registers:>5} {r.spill_stores:>5}/{r.spill_loads:<6} {r.stack:>6} {r.shared:>6} {r.num_warps:>5}"
+        )
     spilling = {(name, g, r) for name, g, r in rows if r.spill_stores or r.spill_loads}
     print(f"{len(seen)} kernel compilations listed, {len(spilling)} with spills")
 

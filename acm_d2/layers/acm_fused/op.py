@@ -34,6 +34,7 @@ Both backends return the same tensors, so a device whose Triton fails (no C comp
 launcher, an unsupported GPU, a Triton change) falls back to the torch backend inside the op, with one
 warning, and stays there: see `triton_failures`.
 """
+
 import logging
 import os
 from typing import Dict, Optional, Tuple
@@ -96,17 +97,25 @@ def acm_fused(
         if triton_backend is None:
             raise RuntimeError("backend='triton' needs Triton installed")
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("backend='triton' on CPU tensors only runs under TRITON_INTERPRET=1 (tests)")
+            raise RuntimeError(
+                "backend='triton' on CPU tensors only runs under TRITON_INTERPRET=1 (tests)"
+            )
     # The one copy a strided input costs, here rather than in each backend's forward and backward.
     x = x.contiguous(memory_format=_memory_format(x))
     p1w, p1b, p2w, p2b = p_params if p_params is not None else (None,) * 4
-    y, d, *_ = _forward_op(x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, num_groups, need_orth, backend)
+    y, d, *_ = _forward_op(
+        x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, num_groups, need_orth, backend
+    )
     return y, (d if need_orth else None)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     """channels_last for inputs already laid out so (both backends read either layout), else NCHW."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -140,7 +149,10 @@ def _run_backend(backend: str, x: Tensor, triton_fn, torch_fn, *args):
             "acm_d2: the fused ACM's Triton kernels failed on %s (%s: %s); ACM on %s uses the torch "
             "backend (same results, slower) for the rest of this process. Set MODEL.ACM.IMPL reference "
             "or fix the Triton install (python -m acm_d2.selftest) to silence this.",
-            device, type(e).__name__, str(e).splitlines()[0] if str(e) else "", device,
+            device,
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+            device,
         )
         return torch_fn(*args)
 
@@ -170,11 +182,35 @@ def _forward_op(
     # The backends' own ops would otherwise see the caller's autocast (it is thread state, not a
     # dispatch decision about this op) and run the matmuls in low precision.
     with torch.autocast(x.device.type, enabled=False):
-        return _run_backend(backend, x, fwd, torch_backend.forward, x, k_weight, q_weight, p_params, num_groups, need_orth)
+        return _run_backend(
+            backend,
+            x,
+            fwd,
+            torch_backend.forward,
+            x,
+            k_weight,
+            q_weight,
+            p_params,
+            num_groups,
+            need_orth,
+        )
 
 
 @_forward_op.register_fake
-def _(x, k_weight, k_bias, q_weight, q_bias, p1_weight, p1_bias, p2_weight, p2_bias, num_groups, need_orth, backend):
+def _(
+    x,
+    k_weight,
+    k_bias,
+    q_weight,
+    q_bias,
+    p1_weight,
+    p1_bias,
+    p2_weight,
+    p2_bias,
+    num_groups,
+    need_orth,
+    backend,
+):
     B, C = x.shape[:2]
     dt = _compute_dtype(x, backend)
     heads = 1 if q_weight is None else 2
@@ -216,11 +252,43 @@ def _backward_op(
     grad_d = grad_d.contiguous() if grad_d is not None else None
     bwd = triton_backend.backward if triton_backend is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        return _run_backend(backend, x, bwd, torch_backend.backward, grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p, num_groups)
+        return _run_backend(
+            backend,
+            x,
+            bwd,
+            torch_backend.backward,
+            grad_y,
+            grad_d,
+            x,
+            k_weight,
+            q_weight,
+            p_params,
+            mu,
+            pooled,
+            lse,
+            p,
+            num_groups,
+        )
 
 
 @_backward_op.register_fake
-def _(grad_y, grad_d, x, k_weight, q_weight, p1_weight, p1_bias, p2_weight, p2_bias, mu, pooled, lse, p, num_groups, backend):
+def _(
+    grad_y,
+    grad_d,
+    x,
+    k_weight,
+    q_weight,
+    p1_weight,
+    p1_bias,
+    p2_weight,
+    p2_bias,
+    mu,
+    pooled,
+    lse,
+    p,
+    num_groups,
+    backend,
+):
     p_params = None if p1_weight is None else (p1_weight, p1_bias, p2_weight, p2_bias)
     total = sum(t.numel() for t in param_slots(k_weight, None, q_weight, None, p_params).values())
     return torch.empty_like(x), mu.new_empty(total)
@@ -238,16 +306,36 @@ def param_slots(k_weight, k_bias, q_weight, q_bias, p_params) -> Dict[str, Tenso
 
 
 def _setup_context(ctx, inputs, output):
-    x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, num_groups, need_orth, backend = inputs
+    x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, num_groups, need_orth, backend = (
+        inputs
+    )
     _, _, mu, pooled, lse, p = output
-    ctx.save_for_backward(x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, mu, pooled, lse, p)
+    ctx.save_for_backward(
+        x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, mu, pooled, lse, p
+    )
     ctx.num_groups, ctx.need_orth, ctx.backend = num_groups, need_orth, backend
 
 
 def _backward(ctx, grad_y, grad_d, *_):
-    x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, mu, pooled, lse, p = ctx.saved_tensors
+    x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, mu, pooled, lse, p = (
+        ctx.saved_tensors
+    )
     gx, flat = _backward_op(
-        grad_y, grad_d if ctx.need_orth else None, x, k_weight, q_weight, p1w, p1b, p2w, p2b, mu, pooled, lse, p, ctx.num_groups, ctx.backend
+        grad_y,
+        grad_d if ctx.need_orth else None,
+        x,
+        k_weight,
+        q_weight,
+        p1w,
+        p1b,
+        p2w,
+        p2b,
+        mu,
+        pooled,
+        lse,
+        p,
+        ctx.num_groups,
+        ctx.backend,
     )
     p_params = None if p1w is None else (p1w, p1b, p2w, p2b)
     grads, offset = {}, 0
@@ -257,7 +345,9 @@ def _backward(ctx, grad_y, grad_d, *_):
     return (gx, *(grads.get(name) for name in _GRAD_SLOTS), None, None, None)
 
 
-torch.library.register_autograd("acm_d2::acm_fused_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "acm_d2::acm_fused_forward", _backward, setup_context=_setup_context
+)
 
 # The parameter inputs of _forward_op, in order.
 _GRAD_SLOTS = ("kw", "kb", "qw", "qb", "w1", "b1", "w2", "b2")

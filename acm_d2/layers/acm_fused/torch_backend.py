@@ -3,6 +3,7 @@
 Runs on any device; the CPU default and the fallback where Triton cannot run. Channels-last inputs
 are read through one NCHW copy and y / dx are returned channels-last, as the op promises.
 """
+
 import torch
 from torch import Tensor
 
@@ -56,7 +57,9 @@ def forward(x, k_weight, q_weight, p_params, num_groups, need_orth):
     xg = _groups(x.to(dt), num_groups)
     B, G, Cg, N = xg.shape
     logits = _logit_weights(k_weight, q_weight, num_groups, dt) @ xg  # B x G x J x N
-    lse = logits.logsumexp(-1)  # saved like the Triton backend's, so either backward can follow either forward
+    lse = logits.logsumexp(
+        -1
+    )  # saved like the Triton backend's, so either backward can follow either forward
     attn = (logits - lse[..., None]).exp_()
     pooled = attn @ xg.transpose(-1, -2)  # B x G x J x Cg
     mu = xg.mean(-1)
@@ -69,7 +72,14 @@ def forward(x, k_weight, q_weight, p_params, num_groups, need_orth):
         # out= keeps y contiguous (TensorIterator would follow the broadcast operand's layout).
         y = torch.addcmul((p * shift)[..., None], xg, p[..., None], out=torch.empty_like(xg))
     d = _orth_term(mu, pooled) if need_orth else mu.new_empty(0)
-    return _like(y, x), d, mu.reshape(B, G * Cg), pooled, lse, p.reshape(B, G * Cg) if p_params else p
+    return (
+        _like(y, x),
+        d,
+        mu.reshape(B, G * Cg),
+        pooled,
+        lse,
+        p.reshape(B, G * Cg) if p_params else p,
+    )
 
 
 def _orth_term(mu: Tensor, pooled: Tensor) -> Tensor:
@@ -91,7 +101,12 @@ def _small_backward(s_gy, s_gyx, grad_d, mu, pooled, p, p_params, num_groups):
         h = z1.relu()
         g_z1 = torch.einsum("bgc,gch->bgh", g_z2, w2).masked_fill_(z1 <= 0, 0)
         g_mu = torch.einsum("bgh,ghc->bgc", g_z1, w1)
-        p_grads = [torch.einsum("bgh,bgc->ghc", g_z1, mu), g_z1.sum(0), torch.einsum("bgc,bgh->gch", g_z2, h), g_z2.sum(0)]
+        p_grads = [
+            torch.einsum("bgh,bgc->ghc", g_z1, mu),
+            g_z1.sum(0),
+            torch.einsum("bgc,bgh->gch", g_z2, h),
+            g_z2.sum(0),
+        ]
     if pooled.shape[2] == 1:  # no_q: shift = p_K - mu
         return g_shift[:, :, None], g_mu - g_shift, p_grads
     g_pooled = torch.stack([g_shift, -g_shift], 2)
@@ -110,7 +125,9 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
     mu = mu.view(B, G, Cg)
     p = p.view(B, G, Cg) if p_params is not None else None
     s_gy, s_gyx = gyg.sum(-1), torch.einsum("bgcn,bgcn->bgc", gyg, xg)
-    g_pooled, g_mu, p_grads = _small_backward(s_gy, s_gyx, grad_d, mu, pooled, p, p_params, num_groups)
+    g_pooled, g_mu, p_grads = _small_backward(
+        s_gy, s_gyx, grad_d, mu, pooled, p, p_params, num_groups
+    )
     J = pooled.shape[2]
     w = _logit_weights(k_weight, q_weight, num_groups, dt)
     # One matmul recomputes the logits and takes dp_j . x_n for every n; its buffer then holds
@@ -119,7 +136,9 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
     logits, t = v.split(J, 2)
     attn = logits.sub_(lse.to(dt)[..., None]).exp_()
     t.sub_((g_pooled * pooled).sum(-1, keepdim=True)).mul_(attn)  # r_jn = dL/dlogits
-    g_w = (t @ xg.transpose(-1, -2)).sum(0).transpose(0, 1)  # J x G x Cg; per-sample matmuls need no copy of x
+    g_w = (
+        (t @ xg.transpose(-1, -2)).sum(0).transpose(0, 1)
+    )  # J x G x Cg; per-sample matmuls need no copy of x
     g_mu = (g_mu / N)[..., None]
     # A new NCHW buffer (gyg may be a strided view of a channels-last dy) that baddbmm_ can view per group.
     gx = gyg.new_empty(gyg.shape)

@@ -13,6 +13,7 @@ program keeps a whole weight matrix in registers. The weights of P get their gra
 Launch parameters come from `stream_config` / `stats_config`, pure functions of the shape and the SM
 count, so that tests compile exactly what would launch (acm_d2/layers/acm_fused/aot.py).
 """
+
 import contextlib
 import functools
 from typing import NamedTuple, Optional
@@ -57,7 +58,9 @@ _PROGRAMS_PER_SM = 8
 _INTERPRETER = dict(block_n=16, splits=2)
 
 
-def stream_config(kind: str, B: int, C: int, N: int, num_groups: int, num_sms: Optional[int]) -> StreamConfig:
+def stream_config(
+    kind: str, B: int, C: int, N: int, num_groups: int, num_sms: Optional[int]
+) -> StreamConfig:
     """Launch parameters of streaming kernel `kind` for x of B x C x N; num_sms None = interpreter."""
     block_c = _next_power_of_2(C // num_groups)
     # Wide groups (Cg >= 64: res5 at G <= 32, res4 at G <= 16) get 8 warps, so that the per-channel
@@ -99,7 +102,11 @@ def _cuda_sms(index: int) -> int:
 
 def _num_sms(x: Tensor) -> Optional[int]:
     """The SM count of x's GPU; None on the interpreter (CPU tensors under TRITON_INTERPRET=1)."""
-    return _cuda_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else None
+    return (
+        _cuda_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if x.is_cuda
+        else None
+    )
 
 
 def _device_guard(x: Tensor):
@@ -132,25 +139,83 @@ def forward(x, k_weight, q_weight, p_params, num_groups, need_orth):
     st = stats_config(C, p_params[0].shape[0] if use_p else G, G)
     w1, b1, w2, b2 = p_params if use_p else (x,) * 4  # never read without USE_P
     qw = k_weight if q_weight is None else q_weight
-    part, part_ml = torch.empty((B * G, sc.splits, J + 1, sc.block_c), **f32), torch.empty((B * G, sc.splits, J, 2), **f32)
-    mu, pooled, lse = torch.empty((B, C), **f32), torch.empty((B, G, J, Cg), **f32), torch.empty((B, G, J), **f32)
+    part, part_ml = (
+        torch.empty((B * G, sc.splits, J + 1, sc.block_c), **f32),
+        torch.empty((B * G, sc.splits, J, 2), **f32),
+    )
+    mu, pooled, lse = (
+        torch.empty((B, C), **f32),
+        torch.empty((B, G, J, Cg), **f32),
+        torch.empty((B, G, J), **f32),
+    )
     p, offset = torch.empty((B, C) if use_p else (0,), **f32), torch.empty((B, C), **f32)
     d_part = torch.empty((B, G) if need_orth else (0,), **f32)
     y = torch.empty_like(x)
     with _device_guard(x):
         _launch(
-            _fwd_reduce_kernel, (B * G, sc.splits), x, k_weight, qw, part, part_ml, N, Cg, G, *_x_strides(x), sc.chunk, sc.splits,
-            J=J, BLOCK_C=sc.block_c, BLOCK_N=sc.block_n, num_warps=sc.num_warps,
+            _fwd_reduce_kernel,
+            (B * G, sc.splits),
+            x,
+            k_weight,
+            qw,
+            part,
+            part_ml,
+            N,
+            Cg,
+            G,
+            *_x_strides(x),
+            sc.chunk,
+            sc.splits,
+            J=J,
+            BLOCK_C=sc.block_c,
+            BLOCK_N=sc.block_n,
+            num_warps=sc.num_warps,
         )
         _launch(
-            _fwd_stats_kernel, (B * G,), part, part_ml, w1, b1, w2, b2, mu, pooled, lse, _real(p, mu), offset, _real(d_part, mu),
-            N, Cg, G, w1.shape[0] // G if use_p else 1, C, sc.splits,
-            J=J, USE_P=use_p, NEED_D=need_orth, BLOCK_C=st.block_c, BLOCK_H=st.block_h, num_warps=st.num_warps,
+            _fwd_stats_kernel,
+            (B * G,),
+            part,
+            part_ml,
+            w1,
+            b1,
+            w2,
+            b2,
+            mu,
+            pooled,
+            lse,
+            _real(p, mu),
+            offset,
+            _real(d_part, mu),
+            N,
+            Cg,
+            G,
+            w1.shape[0] // G if use_p else 1,
+            C,
+            sc.splits,
+            J=J,
+            USE_P=use_p,
+            NEED_D=need_orth,
+            BLOCK_C=st.block_c,
+            BLOCK_H=st.block_h,
+            num_warps=st.num_warps,
         )
         so = stream_config("fwd_output", B, C, N, G, _num_sms(x))
         _launch(
-            _fwd_output_kernel, (B * G, so.splits), x, y, _real(p, offset), offset, N, Cg, G, *_x_strides(x), so.chunk,
-            USE_P=use_p, BLOCK_C=so.block_c, BLOCK_N=so.block_n, num_warps=so.num_warps,
+            _fwd_output_kernel,
+            (B * G, so.splits),
+            x,
+            y,
+            _real(p, offset),
+            offset,
+            N,
+            Cg,
+            G,
+            *_x_strides(x),
+            so.chunk,
+            USE_P=use_p,
+            BLOCK_C=so.block_c,
+            BLOCK_N=so.block_n,
+            num_warps=so.num_warps,
         )
     d = d_part.sum(1) if need_orth else d_part
     return y, d, mu, pooled, lse, p
@@ -169,30 +234,90 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
     qw = k_weight if q_weight is None else q_weight
     part = torch.empty((B * G, sr.splits, 2, sr.block_c), **f32)
     coef, cdot = torch.empty((B * G, 4, st.block_c), **f32), torch.empty((B * G, J), **f32)
-    g_z1, hidden, g_z2 = (torch.empty((B, n) if use_p else (0,), **f32) for n in (hg * G, hg * G, C))
+    g_z1, hidden, g_z2 = (
+        torch.empty((B, n) if use_p else (0,), **f32) for n in (hg * G, hg * G, C)
+    )
     gw_part = torch.empty((B * G, sd.splits, J, sd.block_c), **f32)
     gx = torch.empty_like(x)
     with _device_guard(x):
         _launch(
-            _bwd_reduce_kernel, (B * G, sr.splits), x, grad_y, part, N, Cg, G, *_x_strides(x), sr.chunk,
-            BLOCK_C=sr.block_c, BLOCK_N=sr.block_n, num_warps=sr.num_warps,
+            _bwd_reduce_kernel,
+            (B * G, sr.splits),
+            x,
+            grad_y,
+            part,
+            N,
+            Cg,
+            G,
+            *_x_strides(x),
+            sr.chunk,
+            BLOCK_C=sr.block_c,
+            BLOCK_N=sr.block_n,
+            num_warps=sr.num_warps,
         )
         _launch(
-            _bwd_stats_kernel, (B * G,), part, grad_d if grad_d is not None else mu, w1, b1, w2, mu, pooled, _real(p, mu),
-            coef, cdot, _real(g_z1, coef), _real(hidden, coef), _real(g_z2, coef), N, Cg, G, hg, C, sr.splits,
-            J=J, USE_P=use_p, HAS_GD=grad_d is not None, BLOCK_C=st.block_c, BLOCK_H=st.block_h, num_warps=st.num_warps,
+            _bwd_stats_kernel,
+            (B * G,),
+            part,
+            grad_d if grad_d is not None else mu,
+            w1,
+            b1,
+            w2,
+            mu,
+            pooled,
+            _real(p, mu),
+            coef,
+            cdot,
+            _real(g_z1, coef),
+            _real(hidden, coef),
+            _real(g_z2, coef),
+            N,
+            Cg,
+            G,
+            hg,
+            C,
+            sr.splits,
+            J=J,
+            USE_P=use_p,
+            HAS_GD=grad_d is not None,
+            BLOCK_C=st.block_c,
+            BLOCK_H=st.block_h,
+            num_warps=st.num_warps,
         )
         _launch(
-            _bwd_dx_kernel, (B * G, sd.splits), x, grad_y, gx, k_weight, qw, lse, coef, cdot, gw_part,
-            N, Cg, G, *_x_strides(x), sd.chunk, sd.splits,
-            J=J, BLOCK_C=sd.block_c, BLOCK_N=sd.block_n, num_warps=sd.num_warps,
+            _bwd_dx_kernel,
+            (B * G, sd.splits),
+            x,
+            grad_y,
+            gx,
+            k_weight,
+            qw,
+            lse,
+            coef,
+            cdot,
+            gw_part,
+            N,
+            Cg,
+            G,
+            *_x_strides(x),
+            sd.chunk,
+            sd.splits,
+            J=J,
+            BLOCK_C=sd.block_c,
+            BLOCK_N=sd.block_n,
+            num_warps=sd.num_warps,
         )
     g_w = gw_part.view(B, G, sd.splits, J, sd.block_c).sum((0, 2))[..., :Cg]  # G x J x Cg
     zero_bias = g_w.new_zeros(G)
     flat = [t for j in range(J) for t in (g_w[:, j].flatten(), zero_bias)]
     if use_p:
         # P's weight gradients are sums over the batch of outer products of (B, C) vectors.
-        g_z1, hidden, g_z2, mu_g = g_z1.view(B, G, hg), hidden.view(B, G, hg), g_z2.view(B, G, Cg), mu.view(B, G, Cg)
+        g_z1, hidden, g_z2, mu_g = (
+            g_z1.view(B, G, hg),
+            hidden.view(B, G, hg),
+            g_z2.view(B, G, Cg),
+            mu.view(B, G, Cg),
+        )
         flat += [
             torch.bmm(g_z1.permute(1, 2, 0), mu_g.transpose(0, 1)).flatten(),  # W1: G*Hg x Cg
             g_z1.sum(0).flatten(),
@@ -207,19 +332,33 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
 
 
 @triton.jit
-def _softmax_step(xt, w2, n_mask, m, l, acc):
-    """Online softmax over one tile, in base 2: logits w2 . x_n, running max m, sum l, acc."""
+def _softmax_step(xt, w2, n_mask, m, denom, acc):
+    """Online softmax over one tile, in base 2: logits w2 . x_n, running max m, sum `denom`, acc."""
     s = tl.where(n_mask, tl.sum(xt * w2[:, None], 0), float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 0))
     alpha = tl.exp2(m - m_new)
     e = tl.exp2(s - m_new)
-    return m_new, l * alpha + tl.sum(e, 0), acc * alpha + tl.sum(xt * e[None, :], 1)
+    return m_new, denom * alpha + tl.sum(e, 0), acc * alpha + tl.sum(xt * e[None, :], 1)
 
 
 @triton.jit
 def _fwd_reduce_kernel(
-    x_ptr, kw_ptr, qw_ptr, part_ptr, ml_ptr, N, CG, G, stride_b, stride_c, stride_n, CHUNK, S,
-    J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    kw_ptr,
+    qw_ptr,
+    part_ptr,
+    ml_ptr,
+    N,
+    CG,
+    G,
+    stride_b,
+    stride_c,
+    stride_n,
+    CHUNK,
+    S,
+    J: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     bg, s = tl.program_id(0), tl.program_id(1)
     b, g = bg // G, bg % G
@@ -229,14 +368,24 @@ def _fwd_reduce_kernel(
     wk = tl.load(kw_ptr + g * CG + offs_c, mask=c_mask, other=0.0).to(tl.float32) * LOG2E
     wq = tl.load(qw_ptr + g * CG + offs_c, mask=c_mask, other=0.0).to(tl.float32) * LOG2E
     sum_x = tl.zeros([BLOCK_C], tl.float32)
-    m_k, l_k, acc_k = tl.full([], float("-inf"), tl.float32), tl.full([], 0.0, tl.float32), tl.zeros([BLOCK_C], tl.float32)
-    m_q, l_q, acc_q = tl.full([], float("-inf"), tl.float32), tl.full([], 0.0, tl.float32), tl.zeros([BLOCK_C], tl.float32)
+    m_k, l_k, acc_k = (
+        tl.full([], float("-inf"), tl.float32),
+        tl.full([], 0.0, tl.float32),
+        tl.zeros([BLOCK_C], tl.float32),
+    )
+    m_q, l_q, acc_q = (
+        tl.full([], float("-inf"), tl.float32),
+        tl.full([], 0.0, tl.float32),
+        tl.zeros([BLOCK_C], tl.float32),
+    )
     n_end = tl.minimum(s * CHUNK + CHUNK, N)
     for n0 in range(s * CHUNK, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_end
         xt = tl.load(
-            x_base + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n, mask=c_mask[:, None] & n_mask[None, :], other=0.0
+            x_base + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n,
+            mask=c_mask[:, None] & n_mask[None, :],
+            other=0.0,
         ).to(tl.float32)
         sum_x += tl.sum(xt, 1)
         m_k, l_k, acc_k = _softmax_step(xt, wk, n_mask, m_k, l_k, acc_k)
@@ -258,33 +407,65 @@ def _fwd_reduce_kernel(
 def _combine_head(part_ptr, ml_ptr, bg, S, j, J: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the splits' online-softmax partials of head j: pooled vector and natural-log lse."""
     offs_c = tl.arange(0, BLOCK_C)
-    m, l, acc = tl.full([], float("-inf"), tl.float32), tl.full([], 0.0, tl.float32), tl.zeros([BLOCK_C], tl.float32)
+    m, denom, acc = (
+        tl.full([], float("-inf"), tl.float32),
+        tl.full([], 0.0, tl.float32),
+        tl.zeros([BLOCK_C], tl.float32),
+    )
     for s in range(0, S):
         ml = ml_ptr + ((bg * S + s) * J + j) * 2
-        m_s, l_s = tl.load(ml), tl.load(ml + 1)
+        m_s, denom_s = tl.load(ml), tl.load(ml + 1)
         a_s = tl.load(part_ptr + ((bg * S + s) * (J + 1) + 1 + j) * BLOCK_C + offs_c)
         m_new = tl.maximum(m, m_s)
         alpha, beta = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
-        l, acc, m = l * alpha + l_s * beta, acc * alpha + a_s * beta, m_new
-    return acc / l, (m + tl.log2(l)) / LOG2E
+        denom, acc, m = denom * alpha + denom_s * beta, acc * alpha + a_s * beta, m_new
+    return acc / denom, (m + tl.log2(denom)) / LOG2E
 
 
 @triton.jit
-def _p_hidden_block(mu, g, h0, w1_ptr, b1_ptr, w2_ptr, CG, HG, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+def _p_hidden_block(
+    mu, g, h0, w1_ptr, b1_ptr, w2_ptr, CG, HG, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr
+):
     """Rows h0 .. h0 + BLOCK_H of P's first conv for group g: pre-activation z1, the W1 and W2^T tiles."""
     offs_c, offs_h = tl.arange(0, BLOCK_C), h0 + tl.arange(0, BLOCK_H)
     mask = (offs_h[:, None] < HG) & (offs_c[None, :] < CG)
-    w1 = tl.load(w1_ptr + (g * HG + offs_h[:, None]) * CG + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-    w2t = tl.load(w2_ptr + (g * CG + offs_c[None, :]) * HG + offs_h[:, None], mask=mask, other=0.0).to(tl.float32)
-    z1 = tl.sum(w1 * mu[None, :], 1) + tl.load(b1_ptr + g * HG + offs_h, mask=offs_h < HG, other=0.0).to(tl.float32)
+    w1 = tl.load(
+        w1_ptr + (g * HG + offs_h[:, None]) * CG + offs_c[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    w2t = tl.load(
+        w2_ptr + (g * CG + offs_c[None, :]) * HG + offs_h[:, None], mask=mask, other=0.0
+    ).to(tl.float32)
+    z1 = tl.sum(w1 * mu[None, :], 1) + tl.load(
+        b1_ptr + g * HG + offs_h, mask=offs_h < HG, other=0.0
+    ).to(tl.float32)
     return z1, w1, w2t
 
 
 @triton.jit
 def _fwd_stats_kernel(
-    part_ptr, ml_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, mu_ptr, pooled_ptr, lse_ptr, p_ptr, offset_ptr, d_part_ptr,
-    N, CG, G, HG, C, S,
-    J: tl.constexpr, USE_P: tl.constexpr, NEED_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    part_ptr,
+    ml_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    mu_ptr,
+    pooled_ptr,
+    lse_ptr,
+    p_ptr,
+    offset_ptr,
+    d_part_ptr,
+    N,
+    CG,
+    G,
+    HG,
+    C,
+    S,
+    J: tl.constexpr,
+    USE_P: tl.constexpr,
+    NEED_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     bg = tl.program_id(0)
     g = bg % G
@@ -292,7 +473,9 @@ def _fwd_stats_kernel(
     c_mask = offs_c < CG
     sum_x = tl.zeros([BLOCK_C], tl.float32)
     for t in range(0, S):
-        sum_x += tl.load(part_ptr + (bg * S + t) * (J + 1) * BLOCK_C + offs_c, mask=c_mask, other=0.0)
+        sum_x += tl.load(
+            part_ptr + (bg * S + t) * (J + 1) * BLOCK_C + offs_c, mask=c_mask, other=0.0
+        )
     mu = sum_x / N
     pk, lse_k = _combine_head(part_ptr, ml_ptr, bg, S, 0, J, BLOCK_C)
     tl.store(mu_ptr + bg * CG + offs_c, mu, mask=c_mask)
@@ -310,7 +493,9 @@ def _fwd_stats_kernel(
     if USE_P:
         z2 = tl.load(b2_ptr + g * CG + offs_c, mask=c_mask, other=0.0).to(tl.float32)
         for h0 in range(0, HG, BLOCK_H):
-            z1, _, w2t = _p_hidden_block(mu, g, h0, w1_ptr, b1_ptr, w2_ptr, CG, HG, BLOCK_C, BLOCK_H)
+            z1, _, w2t = _p_hidden_block(
+                mu, g, h0, w1_ptr, b1_ptr, w2_ptr, CG, HG, BLOCK_C, BLOCK_H
+            )
             z2 += tl.sum(w2t * tl.maximum(z1, 0.0)[:, None], 0)
         p = tl.sigmoid(z2)
         tl.store(p_ptr + bg * CG + offs_c, p, mask=c_mask)
@@ -320,8 +505,20 @@ def _fwd_stats_kernel(
 
 @triton.jit
 def _fwd_output_kernel(
-    x_ptr, y_ptr, p_ptr, offset_ptr, N, CG, G, stride_b, stride_c, stride_n, CHUNK,
-    USE_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    p_ptr,
+    offset_ptr,
+    N,
+    CG,
+    G,
+    stride_b,
+    stride_c,
+    stride_n,
+    CHUNK,
+    USE_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """y = P x + P shift, elementwise with per-channel P and P shift."""
     bg, s = tl.program_id(0), tl.program_id(1)
@@ -345,8 +542,18 @@ def _fwd_output_kernel(
 
 @triton.jit
 def _bwd_reduce_kernel(
-    x_ptr, gy_ptr, part_ptr, N, CG, G, stride_b, stride_c, stride_n, CHUNK,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    gy_ptr,
+    part_ptr,
+    N,
+    CG,
+    G,
+    stride_b,
+    stride_c,
+    stride_n,
+    CHUNK,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Per channel: S1 = sum_n dy_n and S2 = sum_n dy_n x_n over this program's chunk."""
     bg, s = tl.program_id(0), tl.program_id(1)
@@ -371,10 +578,30 @@ def _bwd_reduce_kernel(
 
 @triton.jit
 def _bwd_stats_kernel(
-    part_ptr, gd_ptr, w1_ptr, b1_ptr, w2_ptr, mu_ptr, pooled_ptr, p_ptr,
-    coef_ptr, cdot_ptr, g_z1_ptr, hidden_ptr, g_z2_ptr,
-    N, CG, G, HG, C, S,
-    J: tl.constexpr, USE_P: tl.constexpr, HAS_GD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    part_ptr,
+    gd_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    mu_ptr,
+    pooled_ptr,
+    p_ptr,
+    coef_ptr,
+    cdot_ptr,
+    g_z1_ptr,
+    hidden_ptr,
+    g_z2_ptr,
+    N,
+    CG,
+    G,
+    HG,
+    C,
+    S,
+    J: tl.constexpr,
+    USE_P: tl.constexpr,
+    HAS_GD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """The per-(b, g) backward: dP through P's MLP (P's weight grads come from the g_z1, hidden, g_z2
     rows written here), dp_K, dp_Q, dmu; writes coef = [P, dmu / N, dp_K, dp_Q] and cdot = dp_j . p_j."""
@@ -385,7 +612,9 @@ def _bwd_stats_kernel(
     s_gy, s_gyx = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
     for t in range(0, S):
         s_gy += tl.load(part_ptr + (bg * S + t) * 2 * BLOCK_C + offs_c, mask=c_mask, other=0.0)
-        s_gyx += tl.load(part_ptr + (bg * S + t) * 2 * BLOCK_C + BLOCK_C + offs_c, mask=c_mask, other=0.0)
+        s_gyx += tl.load(
+            part_ptr + (bg * S + t) * 2 * BLOCK_C + BLOCK_C + offs_c, mask=c_mask, other=0.0
+        )
     mu = tl.load(mu_ptr + bg * CG + offs_c, mask=c_mask, other=0.0)
     pk = tl.load(pooled_ptr + bg * J * CG + offs_c, mask=c_mask, other=0.0)
     pq = tl.load(pooled_ptr + (bg * J + J - 1) * CG + offs_c, mask=c_mask, other=0.0)
@@ -397,7 +626,9 @@ def _bwd_stats_kernel(
         tl.store(g_z2_ptr + bg * CG + offs_c, g_z2, mask=c_mask)
         g_mu = tl.zeros([BLOCK_C], tl.float32)
         for h0 in range(0, HG, BLOCK_H):
-            z1, w1, w2t = _p_hidden_block(mu, g, h0, w1_ptr, b1_ptr, w2_ptr, CG, HG, BLOCK_C, BLOCK_H)
+            z1, w1, w2t = _p_hidden_block(
+                mu, g, h0, w1_ptr, b1_ptr, w2_ptr, CG, HG, BLOCK_C, BLOCK_H
+            )
             g_z1 = tl.where(z1 > 0, tl.sum(w2t * g_z2[None, :], 1), 0.0)
             g_mu += tl.sum(w1 * g_z1[:, None], 0)
             offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -437,9 +668,26 @@ def _head_dx(xt, w, w2, gp, c, lse2):
 
 @triton.jit
 def _bwd_dx_kernel(
-    x_ptr, gy_ptr, gx_ptr, kw_ptr, qw_ptr, lse_ptr, coef_ptr, cdot_ptr, gw_ptr,
-    N, CG, G, stride_b, stride_c, stride_n, CHUNK, S,
-    J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    gy_ptr,
+    gx_ptr,
+    kw_ptr,
+    qw_ptr,
+    lse_ptr,
+    coef_ptr,
+    cdot_ptr,
+    gw_ptr,
+    N,
+    CG,
+    G,
+    stride_b,
+    stride_c,
+    stride_n,
+    CHUNK,
+    S,
+    J: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dx_n = P dy_n + dmu / N + sum_j (a_jn dp_j + r_jn w_j); this chunk's dw_j = sum_n r_jn x_n."""
     bg, s = tl.program_id(0), tl.program_id(1)
