@@ -31,6 +31,12 @@ setup(
         # ONNX export and its onnxruntime check (tools/export_model.py, tests/test_export.py)
         "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
         # ruff pinned to a minor version: `make lint` checks formatting, which changes between versions
-        "test": ["pytest>=7", "ruff>=0.17,<0.18", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.17,<0.18",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            "onnxscript>=0.3",
+        ],
     },
 )

@@ -18,7 +18,8 @@ CONVERT = os.path.join(REPO, "tools", "convert_official_acm.py")
 
 class AuthorsStyleACM(nn.Module):
     """The module as the authors' checkpoint lays it out (add_mod = K, sub_mod = Q, mul_mod = P), computing
-    ACM the way ACM_SPEC.md describes their code: logits on the mean-subtracted input, K - Q added to x."""
+    ACM as the authors' code does (docs/configs.md, where their code differs): logits on the
+    mean-subtracted input, K - Q added to x."""
 
     def __init__(self, channels, groups=32):
         super().__init__()

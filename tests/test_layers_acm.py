@@ -6,7 +6,7 @@ from acm_d2.layers import ACM_VARIANTS, AttendAndCompare
 
 
 def spec_acm(x, module):
-    """ACM written literally from ACM_SPEC.md (float64, loops over groups): returns y and d."""
+    """ACM written literally from the paper's equations (acm_d2/layers/acm.py's docstring) (float64, loops over groups): returns y and d."""
     B, C, H, W = x.shape
     G = module.num_groups
     cg = C // G

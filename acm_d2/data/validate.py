@@ -16,7 +16,7 @@ Dropped, with a warning listing the count and the first records:
   * annotations whose box has w or h <= 0, or lies entirely outside its image (Detectron2 clips it to
     nothing and drops it silently);
   * annotations whose polygon segmentation has no polygon of 3 or more points (Detectron2 drops those
-    silently), or whose RLE's size is not the image's [height, width] or whose counts do not cover it;
+    too, with one warning that gives only their count), or whose RLE's size is not the image's [height, width] or whose counts do not cover it;
   * annotations of an image id that is not in "images";
   * images whose file is missing under the image root, and their annotations;
   * images smaller than MIN_IMAGE_SIDE px on a side or longer than MAX_ASPECT_RATIO times their width
