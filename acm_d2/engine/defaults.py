@@ -22,7 +22,6 @@ __all__ = [
     "setup",
     "setup_lazy",
     "register_datasets",
-    "check_num_classes",
     "load_weights_for_evaluation",
 ]
 
@@ -133,59 +132,3 @@ def _available(device: str):
     if device.startswith("cuda") and not torch.cuda.is_available():
         return "cpu", True
     return device, False
-
-
-def _class_count_keys(cfg):
-    """(config key, its value, the metadata field it must cover) for the heads cfg's meta-architecture builds."""
-    from detectron2.modeling import (
-        META_ARCH_REGISTRY,
-        GeneralizedRCNN,
-        PanopticFPN,
-        RetinaNet,
-        SemanticSegmentor,
-    )
-
-    meta = cfg.MODEL.META_ARCHITECTURE
-    arch = META_ARCH_REGISTRY.get(meta) if meta in META_ARCH_REGISTRY else None
-    keys = []
-    if arch is not None and issubclass(arch, RetinaNet):
-        keys.append(
-            ("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes")
-        )
-    if arch is not None and issubclass(arch, GeneralizedRCNN):  # PanopticFPN included
-        keys.append(
-            ("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes")
-        )
-    if arch is not None and issubclass(arch, (PanopticFPN, SemanticSegmentor)):
-        keys.append(
-            ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes")
-        )
-    return keys
-
-
-def check_num_classes(cfg, dataset_names) -> None:
-    """Compare the heads' class counts with the categories of the (loaded) datasets' metadata.
-
-    Fewer classes than categories is a ValueError naming the key, both numbers and the fix: the
-    categories past NUM_CLASSES would silently become background (or crash the loss). More is a
-    warning: the extra outputs are never trained. Datasets without the metadata field are skipped.
-    """
-    from detectron2.data import MetadataCatalog
-
-    log = logging.getLogger("acm_d2")
-    for key, num_classes, field in _class_count_keys(cfg):
-        classes = {n: MetadataCatalog.get(n).get(field, None) for n in dataset_names}
-        counts = {n: len(c) for n, c in classes.items() if c}
-        if not counts:
-            continue
-        name, categories = max(counts.items(), key=lambda item: item[1])
-        if num_classes < categories:
-            raise ValueError(
-                f"cfg.{key} = {num_classes}, but dataset {name!r} has {categories} categories ({field}); the "
-                f"categories past the first {num_classes} would be trained as background. Set {key} {categories}"
-            )
-        if num_classes > categories:
-            log.warning(
-                f"cfg.{key} = {num_classes}, but dataset {name!r} has only {categories} categories "
-                f"({field}): {num_classes - categories} outputs are never trained; set {key} {categories}"
-            )

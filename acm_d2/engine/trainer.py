@@ -26,8 +26,7 @@ from ..compat import set_inner_trainer
 from ..config import amp_precision
 from ..data.mapper import DatasetMapper, instance_mask_format
 from ..data.stream import ResumableTrainStream, build_resumable_train_loader
-from ..modeling.checks import check_context_keys
-from .defaults import check_num_classes
+from ..modeling.checks import check_context_keys, check_num_classes
 from .output_lock import lock_output_dir_on_main_process
 from .resume import ExactResumeHook
 

@@ -7,12 +7,24 @@ user's own code gets them as tools/train_net.py does.
 import logging
 
 from detectron2.config import get_cfg
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    GeneralizedRCNN,
+    PanopticFPN,
+    RetinaNet,
+    SemanticSegmentor,
+)
 
 from ..config import PEER_MODULES, add_acm_config, validate_acm_config
 from .context import CONTEXT_BACKBONES, CONTEXT_MODULE_REGISTRY
 
-__all__ = ["check_model_config", "check_context_module_name", "check_context_keys"]
+__all__ = [
+    "check_model_config",
+    "check_context_module_name",
+    "check_context_keys",
+    "check_num_classes",
+]
 
 CONTEXT_NODES = ("ACM",) + PEER_MODULES
 
@@ -96,3 +108,49 @@ def check_context_keys(cfg) -> None:
         log.warning(
             f"MODEL.META_ARCHITECTURE = {meta!r} but the backbone has no ACM: there is no loss_acm_orth"
         )
+
+
+def _class_count_keys(cfg):
+    """(config key, its value, the metadata field it must cover) for the heads cfg's meta-architecture builds."""
+    meta = cfg.MODEL.META_ARCHITECTURE
+    arch = META_ARCH_REGISTRY.get(meta) if meta in META_ARCH_REGISTRY else None
+    keys = []
+    if arch is not None and issubclass(arch, RetinaNet):
+        keys.append(
+            ("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES, "thing_classes")
+        )
+    if arch is not None and issubclass(arch, GeneralizedRCNN):  # PanopticFPN included
+        keys.append(
+            ("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES, "thing_classes")
+        )
+    if arch is not None and issubclass(arch, (PanopticFPN, SemanticSegmentor)):
+        keys.append(
+            ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "stuff_classes")
+        )
+    return keys
+
+
+def check_num_classes(cfg, dataset_names) -> None:
+    """Compare the heads' class counts with the categories of the (loaded) datasets' metadata.
+
+    Fewer classes than categories is a ValueError naming the key, both numbers and the fix: the
+    categories past NUM_CLASSES would silently become background (or crash the loss). More is a
+    warning: the extra outputs are never trained. Datasets without the metadata field are skipped.
+    """
+    log = logging.getLogger("acm_d2")
+    for key, num_classes, field in _class_count_keys(cfg):
+        classes = {n: MetadataCatalog.get(n).get(field, None) for n in dataset_names}
+        counts = {n: len(c) for n, c in classes.items() if c}
+        if not counts:
+            continue
+        name, categories = max(counts.items(), key=lambda item: item[1])
+        if num_classes < categories:
+            raise ValueError(
+                f"cfg.{key} = {num_classes}, but dataset {name!r} has {categories} categories ({field}); the "
+                f"categories past the first {num_classes} would be trained as background. Set {key} {categories}"
+            )
+        if num_classes > categories:
+            log.warning(
+                f"cfg.{key} = {num_classes}, but dataset {name!r} has only {categories} categories "
+                f"({field}): {num_classes - categories} outputs are never trained; set {key} {categories}"
+            )
