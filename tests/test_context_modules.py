@@ -222,5 +222,15 @@ def test_layer_error_at_build_says_which_block_and_node():
 def test_unknown_context_module_lists_the_peers():
     cfg = _cfg("SE")
     cfg.MODEL.CONTEXT_MODULE = "se"
-    with pytest.raises(ValueError, match=r"allowed: \['none', 'ACM', 'CC', 'GC', 'NL', 'SE'\]"):
-        acm_d2.validate_acm_config(cfg)
+    with pytest.raises(ValueError, match=r"allowed: \['ACM', 'CC', 'GC', 'NL', 'SE', 'none'\]"):
+        build_backbone(cfg)
+
+
+def test_acm_backbone_built_where_the_meta_architecture_drops_the_loss_warns(caplog):
+    """A backbone may be built on its own, so the builder warns; tools/train_net.py refuses (test_engine_errors)."""
+    cfg = _cfg("ACM")  # MODEL.META_ARCHITECTURE: the plain GeneralizedRCNN
+    with caplog.at_level("WARNING", logger="acm_d2"):
+        build_backbone(cfg)
+    assert any(
+        "ORTH_LOSS_WEIGHT" in r.getMessage() and "vanish" in r.getMessage() for r in caplog.records
+    )

@@ -2,6 +2,7 @@
 exporters, checked with onnxruntime), torch.export, fvcore's FLOP counter; with the default ACM impl,
 whose fused op must never reach a saved graph."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -46,10 +47,11 @@ R18 = (
     20,
 )
 MASK_RCNN_FPN = "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml"
-# An exported model computes ACM's reference maths, the eager one (default impl, CPU) the fused form:
-# equal up to float rounding, which a random-weight detector amplifies in its box regression (up to
-# 0.03 pixel on the boxes here; with MODEL.ACM.IMPL reference the two agree exactly).
-# Boxes are compared to 0.05 pixel, the rest (scores, mask probabilities) to 2e-3.
+# An exported model computes ACM's reference maths, the eager one (default impl, CPU) the fused form: equal
+# up to float rounding, which a random-weight detector amplifies chaotically (a box regression or a
+# near-tie in NMS flips). So whole detectors are compared with the same model run eagerly with the
+# reference impl (`_eager_reference`), and the default impl's eager outputs with the exported ones where
+# no detector sits in between (backbones, modules). Boxes to 0.05 pixel, the rest to 2e-3.
 
 
 def _assert_detections_close(actual: dict, expected: dict):
@@ -57,6 +59,20 @@ def _assert_detections_close(actual: dict, expected: dict):
     for name in expected:
         atol = 0.05 if name.endswith("boxes") else 2e-3
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-3, atol=atol, msg=name)
+
+
+@contextlib.contextmanager
+def _eager_reference(model):
+    """Run `model` eagerly with every ACM on its reference impl (the maths an exported graph holds)."""
+    acms = [m for m in model.modules() if isinstance(m, AttendAndCompare)]
+    impls = [m.impl for m in acms]
+    for m in acms:
+        m.impl = "reference"
+    try:
+        yield model
+    finally:
+        for m, impl in zip(acms, impls):
+            m.impl = impl
 
 
 def _fields(instances):
@@ -172,7 +188,8 @@ def test_fused_op_is_kept_under_torch_compile_and_left_out_of_export():
 def test_scripting_with_instances_matches_eager(config_file, opts):
     model = _model(config_file, *opts)
     image = _image()
-    expected = scripted_outputs(model, image)
+    with _eager_reference(model):
+        expected = scripted_outputs(model, image)
     (actual,) = script_model(model)(({"image": image},))
     assert expected["scores"].numel() > 0
     _assert_detections_close(actual, expected)
@@ -218,7 +235,8 @@ def test_traced_model_runs_in_an_interpreter_without_acm_d2(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
-        expected = traceable(image)
+        with _eager_reference(model):
+            expected = traceable(image)
     actual = torch.load(str(tmp_path / "outputs.pt"))
     (actual,), (expected,) = traceable.outputs_schema(actual), traceable.outputs_schema(expected)
     _assert_detections_close(_fields(actual["instances"]), _fields(expected["instances"]))
@@ -253,14 +271,14 @@ def test_onnx_mask_rcnn_matches_eager_in_onnxruntime(opset):
     image = _image()
     traceable = traceable_model(model, image)
     outputs = run_onnx(onnx_bytes(traceable, (image,), opset=opset), (image,))
-    with torch.no_grad():
+    with torch.no_grad(), _eager_reference(model):
         expected = traceable(image)
     instances = traceable.outputs_schema(outputs)[0]["instances"]
     eager = traceable.outputs_schema(expected)[0]["instances"]
     assert len(instances) == len(eager) > 0
     torch.testing.assert_close(instances.scores, eager.scores, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(
-        instances.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=1e-3, atol=1e-2
+        instances.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=1e-3, atol=0.05
     )
 
 

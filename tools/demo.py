@@ -29,6 +29,7 @@ sys.path.insert(
 )  # run from a checkout
 
 from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset  # noqa: E402
+from acm_d2.engine import Trainer, setup  # noqa: E402
 from acm_d2.utils.device import resolve_device  # noqa: E402
 from acm_d2.visualization import attention as vis  # noqa: E402
 from acm_d2.visualization.curves import plot_loss_curve  # noqa: E402
@@ -96,8 +97,6 @@ def _results_ap(results: dict, task: str, metric: str = "AP") -> float:
 
 def run_demo(args) -> dict:
     """One training + evaluation + figures; returns the evaluator's results (plus timings)."""
-    from ..engine import Trainer, setup
-
     start = time.perf_counter()
     output = os.path.abspath(args.output)
     data_dir = args.data or os.path.join(output, "data")

@@ -157,7 +157,7 @@ def _context_backbone(builder):
 def make_context_stages_from_config(cfg, stages):
     """make_context_stages with every argument from cfg.MODEL.RESNETS and the context module of
     cfg.MODEL.CONTEXT_MODULE; raises ValueError naming the cfg key for what the blocks cannot do."""
-    check_model_config(cfg)
+    check_model_config(cfg, whole_model=False)
     r = cfg.MODEL.RESNETS
     if r.DEPTH not in NUM_BLOCKS_PER_STAGE:
         raise ValueError(

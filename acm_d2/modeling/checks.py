@@ -29,12 +29,15 @@ __all__ = [
 CONTEXT_NODES = ("ACM",) + PEER_MODULES
 
 
-def check_model_config(cfg) -> None:
+def check_model_config(cfg, whole_model: bool = True) -> None:
     """Every check of the context-module keys: their values (acm_d2.config.validate_acm_config), the
-    module's name, and keys the chosen model would ignore."""
+    module's name, and keys the chosen model would ignore. A backbone builder passes whole_model=False:
+    a backbone may be built on its own (features, or with acm_d2.modeling.meta_arch.OrthogonalLoss added
+    by hand), so an orthogonal loss that MODEL.META_ARCHITECTURE would drop is a warning there, and an
+    error where the whole model is built (the ACM meta-architectures, tools/train_net.py's Trainer)."""
     validate_acm_config(cfg)
     check_context_module_name(cfg.MODEL.CONTEXT_MODULE)
-    check_context_keys(cfg)
+    check_context_keys(cfg, dropped_orth_loss_is_error=whole_model)
 
 
 def check_context_module_name(name: str) -> None:
@@ -63,7 +66,7 @@ def _non_default_keys(cfg, nodes):
     return keys
 
 
-def check_context_keys(cfg) -> None:
+def check_context_keys(cfg, dropped_orth_loss_is_error: bool = True) -> None:
     """Refuse context-module keys that the chosen model would silently ignore.
 
     Errors (ValueError naming the keys), because the run would not be the one the config describes:
@@ -99,11 +102,14 @@ def check_context_keys(cfg) -> None:
     )
     weight = cfg.MODEL.ACM.ORTH_LOSS_WEIGHT
     if has_acm and not adds_orth_loss and weight > 0:
-        raise ValueError(
+        message = (
             f"cfg.MODEL.ACM.ORTH_LOSS_WEIGHT = {weight}, but MODEL.META_ARCHITECTURE = {meta!r} does not add the "
             f"orthogonal loss, so it would silently vanish; use 'ACM{meta}' if it exists (see "
             "acm_d2.modeling.meta_arch), or set MODEL.ACM.ORTH_LOSS_WEIGHT 0 to train ACM without it"
         )
+        if dropped_orth_loss_is_error:
+            raise ValueError(message)
+        log.warning(message)
     if adds_orth_loss and not has_acm and weight > 0:
         log.warning(
             f"MODEL.META_ARCHITECTURE = {meta!r} but the backbone has no ACM: there is no loss_acm_orth"
