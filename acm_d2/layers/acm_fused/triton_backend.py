@@ -332,6 +332,36 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
 
 
 @triton.jit
+def _stream_program(N, CG, G, stride_b, stride_c, CHUNK, BLOCK_C: tl.constexpr):
+    """A streaming kernel's program (b*G + g, split): its ids, the group's channel offsets and mask,
+    the group's int64 offset in x, and the positions [start, end) it streams over."""
+    bg, s = tl.program_id(0), tl.program_id(1)
+    b, g = bg // G, bg % G
+    offs_c = tl.arange(0, BLOCK_C)
+    base = b.to(tl.int64) * stride_b + (g * CG).to(tl.int64) * stride_c
+    return bg, s, g, offs_c, offs_c < CG, base, s * CHUNK, tl.minimum(s * CHUNK + CHUNK, N)
+
+
+@triton.jit
+def _tile(base, n0, n_end, offs_c, c_mask, stride_c, stride_n, BLOCK_N: tl.constexpr):
+    """Offsets in x and mask of the [BLOCK_C, BLOCK_N] tile at positions n0.., and its positions' mask."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_end
+    offs = base + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n
+    return offs, c_mask[:, None] & n_mask[None, :], n_mask
+
+
+@triton.jit
+def _softmax_start(BLOCK_C: tl.constexpr):
+    """An empty online softmax: running max -inf, sum 0, pooled vector 0."""
+    return (
+        tl.full([], float("-inf"), tl.float32),
+        tl.full([], 0.0, tl.float32),
+        tl.zeros([BLOCK_C], tl.float32),
+    )
+
+
+@triton.jit
 def _softmax_step(xt, w2, n_mask, m, denom, acc):
     """Online softmax over one tile, in base 2: logits w2 . x_n, running max m, sum `denom`, acc."""
     s = tl.where(n_mask, tl.sum(xt * w2[:, None], 0), float("-inf"))
@@ -360,33 +390,17 @@ def _fwd_reduce_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    bg, s = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
-    offs_c = tl.arange(0, BLOCK_C)
-    c_mask = offs_c < CG
-    x_base = x_ptr + b.to(tl.int64) * stride_b + (g * CG).to(tl.int64) * stride_c
+    bg, s, g, offs_c, c_mask, base, start, n_end = _stream_program(
+        N, CG, G, stride_b, stride_c, CHUNK, BLOCK_C
+    )
     wk = tl.load(kw_ptr + g * CG + offs_c, mask=c_mask, other=0.0).to(tl.float32) * LOG2E
     wq = tl.load(qw_ptr + g * CG + offs_c, mask=c_mask, other=0.0).to(tl.float32) * LOG2E
     sum_x = tl.zeros([BLOCK_C], tl.float32)
-    m_k, l_k, acc_k = (
-        tl.full([], float("-inf"), tl.float32),
-        tl.full([], 0.0, tl.float32),
-        tl.zeros([BLOCK_C], tl.float32),
-    )
-    m_q, l_q, acc_q = (
-        tl.full([], float("-inf"), tl.float32),
-        tl.full([], 0.0, tl.float32),
-        tl.zeros([BLOCK_C], tl.float32),
-    )
-    n_end = tl.minimum(s * CHUNK + CHUNK, N)
-    for n0 in range(s * CHUNK, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_end
-        xt = tl.load(
-            x_base + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n,
-            mask=c_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+    m_k, l_k, acc_k = _softmax_start(BLOCK_C)
+    m_q, l_q, acc_q = _softmax_start(BLOCK_C)
+    for n0 in range(start, n_end, BLOCK_N):
+        offs, mask, n_mask = _tile(base, n0, n_end, offs_c, c_mask, stride_c, stride_n, BLOCK_N)
+        xt = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sum_x += tl.sum(xt, 1)
         m_k, l_k, acc_k = _softmax_step(xt, wk, n_mask, m_k, l_k, acc_k)
         if J == 2:
@@ -521,19 +535,14 @@ def _fwd_output_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """y = P x + P shift, elementwise with per-channel P and P shift."""
-    bg, s = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
-    offs_c = tl.arange(0, BLOCK_C)
-    c_mask = offs_c < CG
+    bg, s, g, offs_c, c_mask, base, start, n_end = _stream_program(
+        N, CG, G, stride_b, stride_c, CHUNK, BLOCK_C
+    )
     offset = tl.load(offset_ptr + bg * CG + offs_c, mask=c_mask, other=0.0)
     if USE_P:
         p = tl.load(p_ptr + bg * CG + offs_c, mask=c_mask, other=0.0)
-    base = b.to(tl.int64) * stride_b + (g * CG).to(tl.int64) * stride_c
-    n_end = tl.minimum(s * CHUNK + CHUNK, N)
-    for n0 in range(s * CHUNK, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs = base + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n
-        mask = c_mask[:, None] & (offs_n < n_end)[None, :]
+    for n0 in range(start, n_end, BLOCK_N):
+        offs, mask, _ = _tile(base, n0, n_end, offs_c, c_mask, stride_c, stride_n, BLOCK_N)
         xt = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if USE_P:
             xt = xt * p[:, None]
@@ -556,17 +565,12 @@ def _bwd_reduce_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Per channel: S1 = sum_n dy_n and S2 = sum_n dy_n x_n over this program's chunk."""
-    bg, s = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
-    offs_c = tl.arange(0, BLOCK_C)
-    c_mask = offs_c < CG
-    base = b.to(tl.int64) * stride_b + (g * CG).to(tl.int64) * stride_c
+    bg, s, g, offs_c, c_mask, base, start, n_end = _stream_program(
+        N, CG, G, stride_b, stride_c, CHUNK, BLOCK_C
+    )
     s_gy, s_gyx = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
-    n_end = tl.minimum(s * CHUNK + CHUNK, N)
-    for n0 in range(s * CHUNK, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs = base + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n
-        mask = c_mask[:, None] & (offs_n < n_end)[None, :]
+    for n0 in range(start, n_end, BLOCK_N):
+        offs, mask, _ = _tile(base, n0, n_end, offs_c, c_mask, stride_c, stride_n, BLOCK_N)
         xt = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gyt = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         s_gy += tl.sum(gyt, 1)
@@ -690,10 +694,9 @@ def _bwd_dx_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """dx_n = P dy_n + dmu / N + sum_j (a_jn dp_j + r_jn w_j); this chunk's dw_j = sum_n r_jn x_n."""
-    bg, s = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
-    offs_c = tl.arange(0, BLOCK_C)
-    c_mask = offs_c < CG
+    bg, s, g, offs_c, c_mask, base, start, n_end = _stream_program(
+        N, CG, G, stride_b, stride_c, CHUNK, BLOCK_C
+    )
     coef = coef_ptr + bg * 4 * BLOCK_C + offs_c
     p = tl.load(coef, mask=c_mask, other=0.0)
     g_mu_n = tl.load(coef + BLOCK_C, mask=c_mask, other=0.0)
@@ -708,13 +711,8 @@ def _bwd_dx_kernel(
         lse_q2 = tl.load(lse_ptr + bg * J + 1) * LOG2E
         cq = tl.load(cdot_ptr + bg * J + 1)
         gwq = tl.zeros([BLOCK_C], tl.float32)
-    base = b.to(tl.int64) * stride_b + (g * CG).to(tl.int64) * stride_c
-    n_end = tl.minimum(s * CHUNK + CHUNK, N)
-    for n0 in range(s * CHUNK, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_end
-        offs = base + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n
-        mask = c_mask[:, None] & n_mask[None, :]
+    for n0 in range(start, n_end, BLOCK_N):
+        offs, mask, n_mask = _tile(base, n0, n_end, offs_c, c_mask, stride_c, stride_n, BLOCK_N)
         xt = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gyt = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dk, rk = _head_dx(xt, wk, wk * LOG2E, gpk, ck, lse_k2)
