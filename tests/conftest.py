@@ -147,22 +147,19 @@ SMALL = [
 ]
 
 
-def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
-    """Run train_net; `args` go before the small test config (SMALL), `opts` after it (they win)."""
+def train_net_command(dataset, output_dir, *args, opts=(), wrapper=None):
+    """tools/train_net.py on the tiny dataset; `args` go before the small test config (SMALL), `opts`
+    after it (they win); `wrapper` runs before the script (e.g. a Python file that wraps it)."""
     datasets = []
-    for split, (json_file, image_root) in tiny_dataset.items():
+    for split, (json_file, image_root) in dataset.items():
         datasets += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
-    cmd = [
-        sys.executable,
-        TRAIN_NET,
-        "--config-file",
-        CONFIG,
-        "--num-gpus",
-        str(num_gpus),
-        *datasets,
-        *args,
-    ]
-    cmd += [*SMALL, "OUTPUT_DIR", str(output_dir), *opts]
+    cmd = [sys.executable, *([wrapper] if wrapper else []), TRAIN_NET, "--config-file", CONFIG]
+    return cmd + [*datasets, *args, *SMALL, "OUTPUT_DIR", str(output_dir), *opts]
+
+
+def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
+    """Run train_net (train_net_command) to completion; it must succeed."""
+    cmd = train_net_command(tiny_dataset, output_dir, "--num-gpus", str(num_gpus), *args, opts=opts)
     env = dict(os.environ, OMP_NUM_THREADS="1" if num_gpus > 1 else "2")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

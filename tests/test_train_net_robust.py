@@ -6,14 +6,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from acm_d2.data.synthetic import generate_dataset
-from conftest import CONFIG, SMALL, TRAIN_NET, run_train_net
+from conftest import run_train_net, train_net_command
 
 # Runs train_net with torch.save slowed down at its PAUSE_AT-th call: it writes half of the bytes,
 # says so, and sleeps, so that the test can kill -9 the process in the middle of writing a checkpoint.
@@ -39,20 +38,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def popen_train_net(dataset, output_dir, *args, opts=(), wrapper=None, env=None):
-    """Start train_net; `args` go before the small test config (SMALL), `opts` after it (they win)."""
-    datasets = []
-    for split, (json_file, image_root) in dataset.items():
-        datasets += ["--coco-dataset", f"tiny_{split}", json_file, image_root]
-    cmd = [
-        sys.executable,
-        *([wrapper] if wrapper else []),
-        TRAIN_NET,
-        "--config-file",
-        CONFIG,
-        *datasets,
-        *args,
-    ]
-    cmd += [*SMALL, "OUTPUT_DIR", str(output_dir), *opts]
+    """Start train_net (conftest.train_net_command) without waiting for it."""
+    cmd = train_net_command(dataset, output_dir, *args, opts=opts, wrapper=wrapper)
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
