@@ -20,6 +20,14 @@ CONFIGS = os.path.join(REPO, "configs")
 torch.set_num_threads(2)
 
 
+# ResNet-18 with GroupNorm: the shipped configs' code paths at a CPU test's size (from random weights the
+# frozen-BN trunk diverges in a few steps, with or without ACM; GroupNorm trains).
+R18_GN = (
+    "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN",
+)  # fmt: skip
+
+
 def small_cfg(config_file: str, *opts):
     """A shipped config made small enough for a CPU test: random weights, 64-128 px inputs, few proposals."""
     cfg = get_cfg()

@@ -5,19 +5,9 @@ import torch
 from detectron2.modeling import build_backbone, build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import small_cfg, training_batch
+from conftest import R18_GN, small_cfg, training_batch
 
-ACM_R18 = (
-    "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml",
-    "MODEL.RESNETS.DEPTH",
-    18,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    64,
-    "MODEL.RESNETS.NORM",
-    "GN",
-    "MODEL.FPN.NORM",
-    "GN",
-)
+ACM_R18 = ("COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml", *R18_GN)
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])

@@ -11,22 +11,11 @@ from acm_d2.checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
 from acm_d2.engine import NonFiniteLossError, Trainer
 from acm_d2.modeling import check_context_keys
 from acm_d2.modeling.meta_arch import OrthogonalLoss
-from conftest import small_cfg, train, trainer_cfg, training_batch
+from conftest import R18_GN, small_cfg, train, trainer_cfg, training_batch
 
 ACM = "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml"
 PLAIN = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
-R18_GN = (
-    "MODEL.RESNETS.DEPTH",
-    18,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    64,
-    "MODEL.RESNETS.NORM",
-    "GN",
-    "MODEL.FPN.NORM",
-    "GN",
-    "MODEL.FPN.OUT_CHANNELS",
-    64,
-)
+SMALL_R18 = (*R18_GN, "MODEL.FPN.OUT_CHANNELS", 64)
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -77,7 +66,7 @@ def test_other_context_modules_keys_are_a_warning(caplog):
 )
 def test_bad_acm_values_fail_when_the_trainer_builds_the_model(opts, match):
     with pytest.raises(ValueError, match=match):
-        Trainer.build_model(small_cfg(ACM, *R18_GN, *opts))
+        Trainer.build_model(small_cfg(ACM, *SMALL_R18, *opts))
 
 
 # ---- no parameter without a gradient (DDP's "unused parameters") -------------------------------
@@ -97,7 +86,7 @@ def test_every_trainable_parameter_gets_a_gradient(opts):
     from detectron2.utils.events import EventStorage
 
     torch.manual_seed(0)
-    model = build_model(small_cfg(ACM, *R18_GN, "MODEL.BACKBONE.FREEZE_AT", 0, *opts))
+    model = build_model(small_cfg(ACM, *SMALL_R18, "MODEL.BACKBONE.FREEZE_AT", 0, *opts))
     model.train()
     with EventStorage():
         sum(model(training_batch(size=64)).values()).backward()
@@ -109,7 +98,7 @@ def test_every_trainable_parameter_gets_a_gradient(opts):
 @pytest.fixture(scope="module")
 def acm_model():
     torch.manual_seed(0)
-    return build_model(small_cfg(ACM, *R18_GN))
+    return build_model(small_cfg(ACM, *SMALL_R18))
 
 
 def _load(model, path):
