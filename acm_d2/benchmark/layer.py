@@ -243,7 +243,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Micro-benchmark of one ACM layer, reference vs fused (see acm_d2/benchmark/layer.py).",
         epilog="python tools/benchmark_acm_layer.py                # CUDA, 2x256x200x304 (res2 of an 800x1216 pair)\n"
-        "python tools/benchmark_acm_layer.py --device cpu   # CPU, 2x256x50x76",
+        "python tools/benchmark_acm_layer.py --device cpu   # CPU, 2x256x50x76\n"
+        "python tools/benchmark_acm_layer.py --scratch --shape 1024 2048 7 7   # backward scratch, no GPU",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -267,6 +268,11 @@ def parse_args(argv=None):
         help="memory bandwidth for the floor, GB/s (default: measured by a device copy)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--scratch",
+        action="store_true",
+        help="only print the scratch memory of the Triton backward for --shape on an H100 (no GPU needed)",
+    )
     return parser.parse_args(argv)
 
 
@@ -274,6 +280,18 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     shape = args.shape or ([2, 256, 200, 304] if device.type == "cuda" else [2, 256, 50, 76])
+    if args.scratch:
+        from ..layers.acm_fused.aot import backward_scratch_bytes
+
+        x_mib = torch.empty(shape, dtype=getattr(torch, args.dtype), device="meta").nbytes / 2**20
+        scratch = backward_scratch_bytes(
+            shape, args.groups, args.variant, getattr(torch, args.dtype)
+        )
+        print(
+            f"Triton backward of ACM {args.variant}, x {'x'.join(map(str, shape))} {args.dtype}, G={args.groups}: "
+            f"scratch {scratch / 2**20:.1f} MiB besides dx (x itself {x_mib:.1f} MiB)"
+        )
+        return scratch
     bandwidth = args.bandwidth or copy_bandwidth_gbs(device)
     rows = benchmark_layer(
         shape,
