@@ -46,10 +46,11 @@ class StatsConfig(NamedTuple):
 
 
 # x elements each thread holds per tile, per kernel. The compile check (aot.py, ptxas -v) showed why:
-# a tile element costs a 64-bit address, the value and a few temporaries in registers (~7 registers
-# in the reductions, ~14 in dx, which recomputes both heads' attention). 32 per thread spilled at
-# res5 (fwd_reduce 255 registers and 236 B of spills, dx at 255); 16 (8 in dx) leaves every kernel of
-# the R50-FPN / C4 matrix spill-free while a tile is still 2048-4096 elements (8-16 KB of fp32 in flight).
+# a tile element costs its 64-bit address, its value and temporaries, about 10 registers in the
+# reductions and 20 in dx, which recomputes both heads' attention (16 elements: 175 registers in
+# fwd_reduce; 8: 173 in dx). 32 per thread spilled at res5 (fwd_reduce at 255 registers with 236 B of
+# spills, dx at 255); 16 (8 in dx) leaves every kernel of the R50-FPN / C4 matrix spill-free while a
+# tile is still 2048-4096 elements (8-16 KB of fp32 in flight).
 _ELEMENTS_PER_THREAD = {"fwd_reduce": 16, "fwd_output": 16, "bwd_reduce": 16, "bwd_dx": 8}
 # Programs the splits aim for per SM: enough resident CTAs to keep loads in flight on every SM
 # while each program still streams a long chunk (the partial sums cost one B x G x S row each).
