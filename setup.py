@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Attend-and-Compare Module (ACM, ECCV 2020) for Detectron2",
     packages=find_packages(include=["acm_d2", "acm_d2.*"]),
-    python_requires=">=3.9",
+    license="Apache-2.0",
+    python_requires=">=3.10",  # as the README says; the code uses 3.10 syntax (parenthesised with)
     # detectron2 is not on PyPI: `make venv` installs it (scripts/install_detectron2.sh) when missing.
     install_requires=[
         "torch>=2.1",
