@@ -106,6 +106,25 @@ def test_lazy_acm_config_trains_and_evaluates_on_the_cpu(tiny_dataset, tmp_path)
     assert [r["iteration"] for r in rows if "loss_acm_orth" in r] == [0, 1, 2]
     assert (tmp_path / "out" / "model_final.pth").exists()
     assert "Evaluation results for bbox" in log and "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    # The checkpoint carries ExactResumeHook's state, as tools/train_net.py's does.
+    final = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
+    assert final["trainer"]["hooks"]["ExactResumeHook"]["seed"] == 1
+    assert "loss_acm_orth" in final["trainer"]["hooks"]["ExactResumeHook"]["history"]
+
+
+def test_step_trainers_of_both_tools_stop_on_a_non_finite_loss():
+    """tools/lazyconfig_train_net.py and the Trainer take their step trainer from build_step_trainer."""
+    from acm_d2.engine import NonFiniteLossError, build_step_trainer
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = build_step_trainer(model, [], optimizer)
+    trainer.iter = 7
+    losses = {"loss_cls": torch.tensor(0.5), "loss_acm_orth": torch.tensor(float("inf"))}
+    with pytest.raises(
+        NonFiniteLossError, match=r"iteration 7: loss_acm_orth = inf.*loss_cls = 0\.5"
+    ):
+        trainer._write_metrics(losses, 0.0)
 
 
 def test_context_builder_validates_as_a_yaml_config_does():
