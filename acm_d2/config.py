@@ -19,6 +19,11 @@ def add_acm_config(cfg):
     # Which context module the build_acm_* backbones put into their blocks: "ACM", or "none" for a
     # plain ResNet built by the same code.
     cfg.MODEL.CONTEXT_MODULE = "ACM"
+    # Recompute each block's last conv (+ norm) and context module in the backward instead of keeping
+    # the conv's output, which the context module's backward needs and a plain block does not keep:
+    # about one activation of the block's output size less per block, for one more forward of that
+    # conv and module. Training only.
+    cfg.MODEL.CONTEXT_RECOMPUTE = False
 
     cfg.MODEL.ACM = CN()
     # G: attention heads of K and Q, and groups of P's convs. Paper: 32 (Table 2b: 8/32/64/128).
@@ -123,6 +128,8 @@ def validate_acm_config(cfg):
         raise KeyError(
             "cfg.MODEL.ACM is missing: call acm_d2.add_acm_config(cfg) before merging a config file"
         )
+    if not isinstance(cfg.MODEL.CONTEXT_RECOMPUTE, bool):
+        _fail("MODEL.CONTEXT_RECOMPUTE", cfg.MODEL.CONTEXT_RECOMPUTE, "True or False")
     acm = cfg.MODEL.ACM
     if not isinstance(acm.NUM_GROUPS, int) or acm.NUM_GROUPS < 1:
         _fail(

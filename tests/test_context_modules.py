@@ -234,3 +234,41 @@ def test_acm_backbone_built_where_the_meta_architecture_drops_the_loss_warns(cap
     assert any(
         "ORTH_LOSS_WEIGHT" in r.getMessage() and "vanish" in r.getMessage() for r in caplog.records
     )
+
+
+def _saved_bytes_and_grads(cfg):
+    """Bytes of the distinct storages autograd keeps for backward over one training forward of the
+    backbone, and the gradients of a loss using every output and the ACMs' orthogonality terms."""
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg).train()
+    x = torch.randn(2, 3, 64, 64)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = backbone(x)
+        loss = sum((f * f).mean() for f in features.values())
+        loss = loss + sum(m.orth_term.sum() for m in _contexts(backbone).values())
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    return sum(storages.values()), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_context_recompute_keeps_less_for_backward_and_gives_the_same_gradients(impl):
+    cfg = _cfg("ACM")
+    cfg.MODEL.ACM.IMPL = impl
+    kept, grads = _saved_bytes_and_grads(cfg)
+    cfg.MODEL.CONTEXT_RECOMPUTE = True
+    kept_recomputed, grads_recomputed = _saved_bytes_and_grads(cfg)
+    for a, b in zip(grads, grads_recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # At least the conv3 (+ norm) output of every one of the 16 blocks is no longer kept.
+    block_outputs = sum(
+        2 * c * (64 // s) ** 2 * 4
+        for c, s, n in ((256, 4, 3), (512, 8, 4), (1024, 16, 6), (2048, 32, 3))
+        for _ in range(n)
+    )
+    assert kept - kept_recomputed >= block_outputs, (kept, kept_recomputed, block_outputs)

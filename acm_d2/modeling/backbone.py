@@ -6,11 +6,13 @@ ImageNet and COCO checkpoints load with only the context modules' parameters mis
 
 import functools
 
+import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..config import RESNET_STAGES
 from .checks import check_model_config
@@ -37,14 +39,39 @@ NUM_BLOCKS_PER_STAGE = {
 
 class _ContextMixin:
     """The context module runs on the residual branch, before the add and the final ReLU (the SE
-    position). It stays trainable when Detectron2 freezes its block (FREEZE_AT)."""
+    position). It stays trainable when Detectron2 freezes its block (FREEZE_AT).
 
-    def _attach(self, context):
+    With `recompute`, training recomputes the last conv (and its norm) and the context module in the
+    backward instead of keeping the conv's output, which the context module needs for its backward and
+    a plain block does not keep: one activation of the block's output size less per block, for one more
+    forward of the last conv and the context module (torch.utils.checkpoint, non-reentrant).
+    """
+
+    def _attach(self, context, recompute):
         self.context = context
+        self.recompute = recompute
 
-    def _merge(self, x, out):
+    def _last_conv_and_context(self, out):
+        out = self._last_conv(out)
         if self.context is not None:
             out = self.context(out)
+        return out
+
+    @torch.jit.unused
+    def _recomputed(self, out: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._last_conv_and_context, out, use_reentrant=False)
+
+    def _merge(self, x, out):
+        """Last conv, context module, residual add and ReLU, from the input of the last conv."""
+        if (
+            self.recompute
+            and self.context is not None
+            and self.training
+            and torch.is_grad_enabled()
+        ):
+            out = self._recomputed(out)
+        else:
+            out = self._last_conv_and_context(out)
         out = out + (x if self.shortcut is None else self.shortcut(x))
         return F.relu_(out)
 
@@ -58,26 +85,32 @@ class _ContextMixin:
 class ContextBottleneckBlock(_ContextMixin, BottleneckBlock):
     """Detectron2's BottleneckBlock (ResNet-50+ and ResNeXt) with `context` after conv3."""
 
-    def __init__(self, in_channels, out_channels, *, context=None, **kwargs):
+    def __init__(self, in_channels, out_channels, *, context=None, recompute=False, **kwargs):
         super().__init__(in_channels, out_channels, **kwargs)
-        self._attach(context)
+        self._attach(context, recompute)
+
+    def _last_conv(self, out):
+        return self.conv3(out)
 
     def forward(self, x):
         out = F.relu_(self.conv1(x))
         out = F.relu_(self.conv2(out))
-        return self._merge(x, self.conv3(out))
+        return self._merge(x, out)
 
 
 class ContextBasicBlock(_ContextMixin, BasicBlock):
     """Detectron2's BasicBlock (ResNet-18/34) with `context` after conv2."""
 
-    def __init__(self, in_channels, out_channels, *, context=None, **kwargs):
+    def __init__(self, in_channels, out_channels, *, context=None, recompute=False, **kwargs):
         super().__init__(in_channels, out_channels, **kwargs)
-        self._attach(context)
+        self._attach(context, recompute)
+
+    def _last_conv(self, out):
+        return self.conv2(out)
 
     def forward(self, x):
         out = F.relu_(self.conv1(x))
-        return self._merge(x, self.conv2(out))
+        return self._merge(x, out)
 
 
 def make_context_stages(
@@ -92,6 +125,7 @@ def make_context_stages(
     stride_in_1x1=True,
     norm="FrozenBN",
     res5_dilation=1,
+    recompute=False,
 ):
     """The stages of a ResNet / ResNeXt with a context module per block: Detectron2's
     ResNet.make_default_stages, plus `context`, for ResNet(stem, stages) and for Python (LazyConfig) configs.
@@ -104,6 +138,8 @@ def make_context_stages(
         stages: which of "res2".."res5" to build, in order (a C4 model's ROI head builds ("res5",) alone).
         stem_out_channels, res2_out_channels (default 64 for depth < 50, else 256), num_groups,
         width_per_group, stride_in_1x1, norm, res5_dilation (1 or 2): as cfg.MODEL.RESNETS.*.
+        recompute: recompute the last conv and the context module in the backward instead of keeping
+            the conv's output (cfg.MODEL.CONTEXT_RECOMPUTE; see _ContextMixin).
 
     Returns:
         one list of blocks per stage in `stages`.
@@ -129,6 +165,7 @@ def make_context_stages(
             in_channels=stem_out_channels if idx == 0 else out_channels // 2,
             out_channels=out_channels,
             norm=norm,
+            recompute=recompute,
             context_per_block=[
                 context(stage, i, num_blocks, out_channels) for i in range(num_blocks)
             ],
@@ -188,6 +225,7 @@ def make_context_stages_from_config(cfg, stages):
         stride_in_1x1=r.STRIDE_IN_1X1,
         norm=r.NORM,
         res5_dilation=r.RES5_DILATION,
+        recompute=cfg.MODEL.CONTEXT_RECOMPUTE,
     )
 
 

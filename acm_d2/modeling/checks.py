@@ -47,22 +47,24 @@ def check_context_module_name(name: str) -> None:
 
 
 def _non_default_keys(cfg, nodes):
-    """The keys of MODEL.<node> (and MODEL.CONTEXT_MODULE) whose values differ from add_acm_config's."""
+    """The keys in `nodes` whose values differ from add_acm_config's: a node name stands for every key
+    of cfg.MODEL.<node>, a top-level key (CONTEXT_MODULE, CONTEXT_RECOMPUTE) for itself."""
     default = get_cfg()
     add_acm_config(default)
 
     def norm(v):
         return list(v) if isinstance(v, (list, tuple)) else v
 
-    nodes_ = [n for n in nodes if n != "CONTEXT_MODULE"]
-    keys = [
-        f"MODEL.{n}.{k}"
-        for n in nodes_
-        for k in cfg.MODEL[n]
-        if norm(cfg.MODEL[n][k]) != norm(default.MODEL[n][k])
-    ]
-    if "CONTEXT_MODULE" in nodes and cfg.MODEL.CONTEXT_MODULE != default.MODEL.CONTEXT_MODULE:
-        keys.insert(0, "MODEL.CONTEXT_MODULE")
+    keys = []
+    for n in nodes:
+        if isinstance(cfg.MODEL[n], type(cfg.MODEL)):
+            keys += [
+                f"MODEL.{n}.{k}"
+                for k in cfg.MODEL[n]
+                if norm(cfg.MODEL[n][k]) != norm(default.MODEL[n][k])
+            ]
+        elif norm(cfg.MODEL[n]) != norm(default.MODEL[n]):
+            keys.append(f"MODEL.{n}")
     return keys
 
 
@@ -70,7 +72,7 @@ def check_context_keys(cfg, dropped_orth_loss_is_error: bool = True) -> None:
     """Refuse context-module keys that the chosen model would silently ignore.
 
     Errors (ValueError naming the keys), because the run would not be the one the config describes:
-      * MODEL.CONTEXT_MODULE, MODEL.ACM.* or a peer's keys changed while MODEL.BACKBONE.NAME is a backbone
+      * MODEL.CONTEXT_MODULE, MODEL.CONTEXT_RECOMPUTE, MODEL.ACM.* or a peer's keys changed while MODEL.BACKBONE.NAME is a backbone
         without context modules (e.g. Detectron2's build_resnet_fpn_backbone): nothing reads them.
       * ACMs in the backbone with MODEL.ACM.ORTH_LOSS_WEIGHT > 0 under a meta-architecture that does not
         add `loss_acm_orth` (e.g. plain GeneralizedRCNN): the orthogonal loss would vanish. A plain
@@ -86,7 +88,7 @@ def check_context_keys(cfg, dropped_orth_loss_is_error: bool = True) -> None:
     log = logging.getLogger("acm_d2")
     backbone, module = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.CONTEXT_MODULE
     if backbone not in CONTEXT_BACKBONES:
-        keys = _non_default_keys(cfg, ("CONTEXT_MODULE",) + CONTEXT_NODES)
+        keys = _non_default_keys(cfg, ("CONTEXT_MODULE", "CONTEXT_RECOMPUTE") + CONTEXT_NODES)
         if keys:
             raise ValueError(
                 f"cfg.{', cfg.'.join(keys)} set, but MODEL.BACKBONE.NAME = {backbone!r} builds no context module, "
