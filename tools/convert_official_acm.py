@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from acm_d2.checkpoint.files import read_state_dict
 from acm_d2.checkpoint.official import convert_official_state_dict
+from acm_d2.checkpoint.read import read_state_dict
 from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
 from acm_d2.utils.files import atomic_write, check_output_path
 

@@ -8,7 +8,7 @@ from detectron2.utils.registry import Registry
 
 from ..layers.acm import AttendAndCompare
 from ..layers.criss_cross import CrissCrossAttention
-from ..layers.gc import GlobalContext
+from ..layers.global_context import GlobalContext
 from ..layers.nonlocal_ import NonLocal2d
 from ..layers.se import SqueezeExcite
 
