@@ -41,8 +41,9 @@ def add_acm_config(cfg):
     # "official": the authors' COCO code, lambda * |batch mean of (sum over the res5 ACMs of K.Q/C)|.
     cfg.MODEL.ACM.ORTH_LOSS_MODE = "paper"
     # "reference" (the maths as written), "fused" (same maths, hand-derived backward that recomputes the
-    # attention; Triton kernels on CUDA, batched matmuls elsewhere), or "auto" (= "fused": its forward +
-    # backward took 0.09-0.6x the reference's time per layer on an H100, docs/performance.md).
+    # attention; Triton kernels on CUDA with Triton installed, batched matmuls otherwise), or "auto": the
+    # fused op on CUDA with Triton installed and on the CPU, the reference elsewhere (e.g. CUDA without
+    # Triton). docs/performance.md compares their speed.
     cfg.MODEL.ACM.IMPL = "auto"
 
     # The peer modules the paper compares with, selected by MODEL.CONTEXT_MODULE = "SE" / "GC" / "NL" /
