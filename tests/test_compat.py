@@ -126,6 +126,8 @@ class _Scan(ast.NodeVisitor):
         return list(getattr(base, "__mro_entries__", lambda bases: ())((base,)))
 
     def visit_ClassDef(self, node):
+        for expr in [*node.decorator_list, *node.bases, *node.keywords]:
+            self.visit(expr)
         bases = [b for expr in node.bases for b in self.resolve(expr, node)]
         mro = _linearize(bases)
         foreign = [k for k in mro if _foreign(k)]
