@@ -5,7 +5,10 @@ that every one still exists with the shape acm_d2 expects, and tests/test_compat
 upgrade that moves one fails there, with its name, rather than deep inside a training run.
 
 Private methods that acm_d2 *overrides* in subclasses are listed in OVERRIDDEN (class, method, the
-parameters acm_d2 calls or receives); the accesses go through the functions below.
+parameters acm_d2 calls or receives); an override reaches Detectron2's own version through
+`call_overridden`, and every other access goes through the functions below. tests/test_compat.py scans
+acm_d2/ and tools/ and fails on any other `._name` access on, or override of, a Detectron2/fvcore
+private name.
 """
 
 import inspect
@@ -15,12 +18,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetMapper
 from detectron2.data import build as data_build
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.utils.events import EventStorage
 from fvcore.common.history_buffer import HistoryBuffer
 
 __all__ = [
     "OVERRIDDEN",
+    "call_overridden",
     "check",
     "sampler_index_stream",
     "has_index_stream",
@@ -30,6 +35,8 @@ __all__ = [
     "clear_checkpointer_url_state",
     "transform_annotations",
     "set_inner_trainer",
+    "trainer_hooks",
+    "last_eval_results",
 ]
 
 # (class, private method, parameter names) that acm_d2's subclasses override or call through super():
@@ -40,7 +47,20 @@ OVERRIDDEN = [
     (DetectionCheckpointer, "_load_model", ["self", "checkpoint"]),
     # The trainer's non-finite check names the loss terms before Detectron2's own FloatingPointError.
     (SimpleTrainer, "_write_metrics", ["self", "loss_dict", "data_time", "prefix", "iter"]),
+    # ACMRes5ROIHeads: a C4 model's res5 built with context modules (a classmethod: cls is bound).
+    (Res5ROIHeads, "_build_res5_block", ["cfg"]),
 ]
+
+
+def call_overridden(owner: type, obj, name: str, *args, **kwargs):
+    """`super(owner, obj).<name>(*args, **kwargs)`: an OVERRIDDEN method's next implementation after
+    `owner` (Detectron2's), called from acm_d2's override of it. Refuses a name OVERRIDDEN lacks."""
+    if not any(name == n and isinstance(obj, cls) for cls, n, _ in OVERRIDDEN):
+        raise ValueError(
+            f"{type(obj).__name__}.{name} is not in acm_d2.compat.OVERRIDDEN; add it there (with the "
+            "parameters acm_d2 relies on) before calling Detectron2's private method"
+        )
+    return getattr(super(owner, obj), name)(*args, **kwargs)
 
 
 def sampler_index_stream(sampler, seed: int) -> Iterator[int]:
@@ -100,6 +120,17 @@ def set_inner_trainer(trainer: DefaultTrainer, inner: SimpleTrainer) -> None:
     trainer._trainer = inner
 
 
+def trainer_hooks(trainer: TrainerBase) -> List:
+    """The hooks registered on a Detectron2 trainer, in order (TrainerBase keeps them in `_hooks`)."""
+    return list(trainer._hooks)
+
+
+def last_eval_results(trainer: DefaultTrainer) -> Dict:
+    """The results of DefaultTrainer's last evaluation (its EvalHook keeps them in `_last_eval_results`;
+    train() returns them only when TEST.EXPECTED_RESULTS is set); {} before any evaluation."""
+    return dict(getattr(trainer, "_last_eval_results", None) or {})
+
+
 def check() -> List[str]:
     """The internals above that this Detectron2 / fvcore lack or changed, as messages ([] when all fine)."""
     problems = []
@@ -130,4 +161,8 @@ def check() -> List[str]:
         problems.append("DetectionCheckpointer no longer has _parsed_url_during_load")
     if "self._trainer" not in inspect.getsource(DefaultTrainer.__init__):
         problems.append("DefaultTrainer no longer delegates to self._trainer")
+    if "self._hooks" not in inspect.getsource(TrainerBase.__init__):
+        problems.append("detectron2 TrainerBase no longer keeps its hooks in self._hooks")
+    if "self._last_eval_results =" not in inspect.getsource(DefaultTrainer.build_hooks):
+        problems.append("DefaultTrainer no longer keeps its evaluation in self._last_eval_results")
     return problems

@@ -1,16 +1,148 @@
 """The config keys of acm_d2, in one place: `add_acm_config(cfg)` adds them, `validate_acm_config(cfg)`
-checks the values a user merged in (it runs when a backbone or meta-architecture is built)."""
+checks the values a user merged in (it runs when a backbone or meta-architecture is built).
+
+PEER_MODULES is the table of context modules other than ACM: each entry's name, builder and keys give
+its cfg.MODEL.<name> node (add_acm_config), its checks (validate_acm_config), its
+cfg.MODEL.CONTEXT_MODULE name and its registry entry (acm_d2.modeling.context)."""
+
+import copy
+from typing import Callable, Dict, NamedTuple
 
 import torch
 from detectron2.config import CfgNode as CN
 
 from .layers.acm import ACM_IMPLS, ACM_VARIANTS
+from .layers.criss_cross import CrissCrossAttention
+from .layers.global_context import GlobalContext
+from .layers.nonlocal_ import NonLocal2d
+from .layers.se import SqueezeExcite
 
 RESNET_STAGES = ("res2", "res3", "res4", "res5")
 ORTH_LOSS_MODES = ("paper", "official")
 AMP_PRECISIONS = ("float16", "bfloat16")
-# The context modules other than ACM, each with its cfg.MODEL.<name> node.
-PEER_MODULES = ("SE", "GC", "NL", "CC")
+
+
+def _fail(key, value, allowed):
+    raise ValueError(f"cfg.{key} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(key, value):
+    if not _is_int(value) or value < 1:
+        _fail(key, value, "a positive integer")
+
+
+def _check_stages(key, stages):
+    if any(s not in RESNET_STAGES for s in stages) or len(set(stages)) != len(stages):
+        _fail(key, list(stages), f"distinct names among {list(RESNET_STAGES)}")
+
+
+def _check_blocks(key, blocks):
+    """Types only: whether an index exists depends on the depth, so the range is checked at build time."""
+    if not all(_is_int(i) for i in blocks):
+        _fail(
+            key,
+            list(blocks),
+            "a list of block indices (integers, negative from the end; [] = every block)",
+        )
+
+
+def _check_ratio(key, ratio):
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        _fail(key, ratio, "a number in (0, 1], e.g. 0.0625 (1/16) or 0.25 (1/4)")
+
+
+class ContextModule(NamedTuple):
+    """A context module that MODEL.CONTEXT_MODULE = <its name in PEER_MODULES> puts into the blocks.
+
+    build: (the cfg.MODEL.<name> node, channels) -> the nn.Module for one selected block.
+    defaults: the keys of cfg.MODEL.<name> and their defaults: STAGES (the stages that get the module)
+        and BLOCKS (block indices within each of those stages, negative from the end, [] = every block),
+        checked for every module, plus the module's own keys.
+    checks: key -> check(full key name, value), raising ValueError (see _fail) for a bad value of one
+        of the module's own keys; keys without a check are taken as they are.
+    """
+
+    build: Callable
+    defaults: Dict
+    checks: Dict[str, Callable] = {}
+
+
+PLACEMENT_KEYS = ("STAGES", "BLOCKS")
+
+# The peer modules the paper compares with; acm_d2/layers documents each one and how it differs from its
+# paper. They sit where ACM sits (after conv3 and its norm, before the residual add). A new module: its
+# file in acm_d2/layers and one entry here (docs/configs.md, "Adding a context module").
+PEER_MODULES: Dict[str, ContextModule] = {
+    "SE": ContextModule(
+        build=lambda node, channels: SqueezeExcite(channels, reduction=node.REDUCTION),
+        defaults=dict(
+            # The hidden width of the excitation is C / REDUCTION. Paper (Hu et al. 2018): 16.
+            REDUCTION=16,
+            # Paper: every block of every stage (16 modules in R-50).
+            STAGES=list(RESNET_STAGES),
+            BLOCKS=[],
+        ),
+        checks=dict(REDUCTION=_check_positive_int),
+    ),
+    "GC": ContextModule(
+        build=lambda node, channels: GlobalContext(channels, ratio=node.RATIO),
+        defaults=dict(
+            # The transform's hidden width is C * RATIO. Paper (Cao et al. 2019): 1/16 (its larger
+            # variant: 1/4).
+            RATIO=0.0625,
+            # Paper's detection setting (mmdetection's c3-c5): every block of res3-res5, 13 modules in R-50.
+            STAGES=["res3", "res4", "res5"],
+            BLOCKS=[],
+        ),
+        checks=dict(RATIO=_check_ratio),
+    ),
+    "NL": ContextModule(
+        build=lambda node, channels: NonLocal2d(channels),
+        defaults=dict(
+            # Its attention is (H*W)^2 per image: in res3 of a 800 x 1333 image that is ~1 GiB in float32
+            # for each block, so detection uses res4 only. Paper (Wang et al. 2018, COCO): res4, one
+            # block, right before the last res4 block.
+            STAGES=["res4"],
+            BLOCKS=[-2],
+        ),
+    ),
+    "CC": ContextModule(
+        build=lambda node, channels: CrissCrossAttention(
+            channels, reduction=node.REDUCTION, recurrence=node.RECURRENCE
+        ),
+        defaults=dict(
+            # Paper (Huang et al. 2019, COCO): after the last conv of res4, i.e. its last block.
+            STAGES=["res4"],
+            BLOCKS=[-1],
+            # How many times the attention runs with shared weights (R). Paper: 2.
+            RECURRENCE=2,
+            # Q and K have C / REDUCTION channels. Paper: 8.
+            REDUCTION=8,
+        ),
+        checks=dict(RECURRENCE=_check_positive_int, REDUCTION=_check_positive_int),
+    ),
+}
+
+
+def check_context_module_entry(name: str, module: ContextModule) -> None:
+    """Refuse (ValueError naming it) a PEER_MODULES entry that cannot work: a name that is no config
+    node name, no STAGES / BLOCKS default, or a check for a key it does not have."""
+    if not (name.isidentifier() and name.isupper()) or name in ("ACM", "none"):
+        raise ValueError(
+            f"context module name {name!r} is invalid; allowed: an upper-case identifier other than "
+            "ACM (it names the cfg.MODEL node)"
+        )
+    missing = [k for k in PLACEMENT_KEYS if k not in module.defaults]
+    unknown = [k for k in module.checks if k not in module.defaults]
+    if missing or unknown:
+        raise ValueError(
+            f"context module {name!r}: its defaults lack {missing} and its checks name keys it does not "
+            f"have {unknown}; give defaults for STAGES, BLOCKS and every checked key"
+        )
 
 
 def add_acm_config(cfg):
@@ -41,78 +173,25 @@ def add_acm_config(cfg):
     # "official": the authors' COCO code, lambda * |batch mean of (sum over the res5 ACMs of K.Q/C)|.
     cfg.MODEL.ACM.ORTH_LOSS_MODE = "paper"
     # "reference" (the maths as written), "fused" (same maths, hand-derived backward that recomputes the
-    # attention; Triton kernels on CUDA, batched matmuls elsewhere), or "auto" (= "fused": its forward +
-    # backward took 0.09-0.6x the reference's time per layer on an H100, docs/performance.md).
+    # attention; Triton kernels on CUDA with Triton installed, batched matmuls otherwise), or "auto": the
+    # fused op on CUDA with Triton installed and on the CPU, the reference elsewhere (e.g. CUDA without
+    # Triton). docs/performance.md compares their speed.
     cfg.MODEL.ACM.IMPL = "auto"
 
-    # The peer modules the paper compares with, selected by MODEL.CONTEXT_MODULE = "SE" / "GC" / "NL" /
-    # "CC", each in its own node. They sit where ACM sits (after conv3 and its norm, before the residual
-    # add). In each node STAGES names the stages that get the module and BLOCKS the block indices within
-    # each of those stages (negative counts from the end: -1 is the last block; [] means every block).
-    cfg.MODEL.SE = CN()
-    # The hidden width of the excitation is C / REDUCTION. Paper (Hu et al. 2018): 16.
-    cfg.MODEL.SE.REDUCTION = 16
-    # Stages with SE. Paper: every block of every stage (16 modules in R-50).
-    cfg.MODEL.SE.STAGES = list(RESNET_STAGES)
-    # Block indices within each of STAGES. Paper: [] (every block).
-    cfg.MODEL.SE.BLOCKS = []
+    # The peer modules, selected by MODEL.CONTEXT_MODULE = "SE" / "GC" / "NL" / "CC" (PEER_MODULES
+    # holds each node's keys, with their meaning and the papers' defaults).
+    for name, module in PEER_MODULES.items():
+        cfg.MODEL[name] = CN(copy.deepcopy(module.defaults))
+    # A full config (not context_builder's MODEL-only one) also gets the trainer's key.
+    if "SOLVER" in cfg:
+        add_trainer_config(cfg)
 
-    cfg.MODEL.GC = CN()
-    # The transform's hidden width is C * RATIO. Paper (Cao et al. 2019): 1/16 (its larger variant: 1/4).
-    cfg.MODEL.GC.RATIO = 0.0625
-    # Stages with GC. Paper's detection setting (mmdetection's c3-c5): res3-res5, 13 modules in R-50.
-    cfg.MODEL.GC.STAGES = ["res3", "res4", "res5"]
-    # Block indices within each of STAGES. Paper: [] (every block).
-    cfg.MODEL.GC.BLOCKS = []
 
-    cfg.MODEL.NL = CN()
-    # Stages with NL. Its attention is (H*W)^2 per image: in res3 of a 800 x 1333 image that is ~1 GiB
-    # in float32 for each block, so detection uses res4 only. Paper (Wang et al. 2018, COCO): res4.
-    cfg.MODEL.NL.STAGES = ["res4"]
-    # Block indices within each of STAGES. Paper (COCO): one block, right before the last res4 block.
-    cfg.MODEL.NL.BLOCKS = [-2]
-
-    cfg.MODEL.CC = CN()
-    # Stages with criss-cross attention. Paper (Huang et al. 2019, COCO): res4.
-    cfg.MODEL.CC.STAGES = ["res4"]
-    # Block indices within each of STAGES. Paper (COCO): after the last conv of res4, i.e. its last block.
-    cfg.MODEL.CC.BLOCKS = [-1]
-    # How many times the attention runs with shared weights (R). Paper: 2.
-    cfg.MODEL.CC.RECURRENCE = 2
-    # Q and K have C / REDUCTION channels. Paper: 8.
-    cfg.MODEL.CC.REDUCTION = 8
-
+def add_trainer_config(cfg):
+    """Add acm_d2's trainer key: SOLVER.AMP.PRECISION."""
     # Detectron2's AMPTrainer takes a precision, but its config has no key for it. "float16" (with a
     # grad scaler, Detectron2's behaviour) or "bfloat16". Used when SOLVER.AMP.ENABLED is True.
     cfg.SOLVER.AMP.PRECISION = "float16"
-
-
-def _fail(key, value, allowed):
-    raise ValueError(f"cfg.{key} = {value!r} is invalid; allowed: {allowed}")
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive_int(key, value):
-    if not _is_int(value) or value < 1:
-        _fail(key, value, "a positive integer")
-
-
-def _check_stages(key, stages):
-    if any(s not in RESNET_STAGES for s in stages) or len(set(stages)) != len(stages):
-        _fail(key, list(stages), f"distinct names among {list(RESNET_STAGES)}")
-
-
-def _check_blocks(key, blocks):
-    """Types only: whether an index exists depends on the depth, so the range is checked at build time."""
-    if not all(_is_int(i) for i in blocks):
-        _fail(
-            key,
-            list(blocks),
-            "a list of block indices (integers, negative from the end; [] = every block)",
-        )
 
 
 def amp_precision(cfg):
@@ -157,12 +236,9 @@ def validate_acm_config(cfg):
             "official",
             "'paper', or add res5 to MODEL.ACM.STAGES ('official' sums the res5 ACMs only)",
         )
-    for peer in PEER_MODULES:
-        _check_stages(f"MODEL.{peer}.STAGES", cfg.MODEL[peer].STAGES)
-        _check_blocks(f"MODEL.{peer}.BLOCKS", cfg.MODEL[peer].BLOCKS)
-    _check_positive_int("MODEL.SE.REDUCTION", cfg.MODEL.SE.REDUCTION)
-    ratio = cfg.MODEL.GC.RATIO
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
-        _fail("MODEL.GC.RATIO", ratio, "a number in (0, 1], e.g. 0.0625 (1/16) or 0.25 (1/4)")
-    _check_positive_int("MODEL.CC.RECURRENCE", cfg.MODEL.CC.RECURRENCE)
-    _check_positive_int("MODEL.CC.REDUCTION", cfg.MODEL.CC.REDUCTION)
+    for name, module in PEER_MODULES.items():
+        node = cfg.MODEL[name]
+        _check_stages(f"MODEL.{name}.STAGES", node.STAGES)
+        _check_blocks(f"MODEL.{name}.BLOCKS", node.BLOCKS)
+        for key, check in module.checks.items():
+            check(f"MODEL.{name}.{key}", node[key])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
-from acm_d2.checkpoint.files import read_state_dict
+from acm_d2.checkpoint.read import read_state_dict
 from acm_d2.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, load_checkpoint
 from acm_d2.utils.files import atomic_write
 from conftest import REPO

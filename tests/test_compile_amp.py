@@ -54,3 +54,21 @@ def test_amp_precision_key_selects_the_autocast_dtype():
     )
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
         amp_precision(small_cfg(ACM_R18[0], "SOLVER.AMP.PRECISION", "fp8"))
+
+
+def test_the_trainer_key_is_added_to_full_configs_and_not_to_model_only_ones():
+    from detectron2.config import CfgNode, get_cfg
+
+    from acm_d2.config import add_acm_config, add_trainer_config
+    from acm_d2.modeling import context_builder
+
+    full = get_cfg()
+    add_acm_config(full)
+    assert full.SOLVER.AMP.PRECISION == "float16"
+    model_only = CfgNode({"MODEL": CfgNode()})
+    add_acm_config(model_only)
+    assert "SOLVER" not in model_only
+    assert "SOLVER" not in context_builder("ACM").args[0]  # its config holds the model keys only
+    trainer_only = get_cfg()
+    add_trainer_config(trainer_only)
+    assert trainer_only.SOLVER.AMP.PRECISION == "float16" and "ACM" not in trainer_only.MODEL

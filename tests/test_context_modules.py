@@ -1,5 +1,9 @@
 """Choosing a context module with one key: placement, counts, identity at start, config validation."""
 
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -7,6 +11,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 import acm_d2
+from acm_d2.config import PEER_MODULES, ContextModule, check_context_module_entry
 from acm_d2.layers import (
     AttendAndCompare,
     CrissCrossAttention,
@@ -15,6 +20,9 @@ from acm_d2.layers import (
     SqueezeExcite,
 )
 from acm_d2.modeling import is_block_selected
+from acm_d2.modeling.context import add_context_module
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _cfg(module, depth=50, **node_values):
@@ -224,6 +232,77 @@ def test_unknown_context_module_lists_the_peers():
     cfg.MODEL.CONTEXT_MODULE = "se"
     with pytest.raises(ValueError, match=r"allowed: \['ACM', 'CC', 'GC', 'NL', 'SE', 'none'\]"):
         build_backbone(cfg)
+
+
+# A new context module the documented way (docs/configs.md, "Adding a context module"): a layer (in the
+# repository: a file in acm_d2/layers) and one ContextModule entry. Run apart: the registry keeps it.
+ADD_A_MODULE = """
+import pytest, torch
+from torch import nn
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone
+from acm_d2.config import ContextModule, _check_positive_int, add_acm_config, validate_acm_config
+from acm_d2.modeling import context_builder
+from acm_d2.modeling.context import add_context_module
+
+class Toy(nn.Module):
+    def __init__(self, channels, scale):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((channels, 1, 1), float(scale)))
+    def forward(self, x):
+        return x * self.scale
+
+add_context_module("TOY", ContextModule(
+    build=lambda node, channels: Toy(channels, node.SCALE),
+    defaults=dict(SCALE=2, STAGES=["res4", "res5"], BLOCKS=[-1]),
+    checks=dict(SCALE=_check_positive_int),
+))
+cfg = get_cfg()
+add_acm_config(cfg)
+assert cfg.MODEL.TOY.SCALE == 2 and cfg.MODEL.TOY.BLOCKS == [-1]
+cfg.merge_from_file("configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_acm_resnet_fpn_backbone", "MODEL.DEVICE", "cpu",
+                     "MODEL.CONTEXT_MODULE", "TOY", "MODEL.TOY.SCALE", 3])
+toys = {n: m for n, m in build_backbone(cfg).named_modules() if isinstance(m, Toy)}
+assert sorted(toys) == ["bottom_up.res4.5.context", "bottom_up.res5.2.context"], sorted(toys)
+assert all(float(m.scale[0]) == 3 for m in toys.values())
+cfg.MODEL.TOY.SCALE = 0
+with pytest.raises(ValueError, match=r"cfg\\.MODEL\\.TOY\\.SCALE = 0 is invalid"):
+    validate_acm_config(cfg)
+assert isinstance(context_builder("TOY", TOY=dict(SCALE=5))("res5", 2, 3, 8), Toy)
+print("TOY-OK")
+"""
+
+
+def test_a_new_context_module_is_one_table_entry():
+    proc = subprocess.run(
+        [sys.executable, "-c", ADD_A_MODULE],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "TOY-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "name, defaults, checks, message",
+    [
+        ("ACM", dict(STAGES=[], BLOCKS=[]), {}, "name 'ACM' is invalid"),
+        ("toy", dict(STAGES=[], BLOCKS=[]), {}, "name 'toy' is invalid"),
+        ("TOY", dict(STAGES=[]), {}, r"lack \['BLOCKS'\]"),
+        ("TOY", dict(STAGES=[], BLOCKS=[]), dict(SCALE=print), r"does not have \['SCALE'\]"),
+    ],
+)
+def test_a_context_module_entry_that_cannot_work_is_refused(name, defaults, checks, message):
+    entry = ContextModule(build=lambda node, channels: None, defaults=defaults, checks=checks)
+    with pytest.raises(ValueError, match=message):
+        check_context_module_entry(name, entry)
+
+
+def test_an_existing_context_module_name_is_refused():
+    with pytest.raises(ValueError, match="'SE' exists already"):
+        add_context_module("SE", PEER_MODULES["SE"])
 
 
 def test_acm_backbone_built_where_the_meta_architecture_drops_the_loss_warns(caplog):

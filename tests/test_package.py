@@ -79,3 +79,63 @@ def test_unknown_context_module_fails_at_build_naming_the_registered_ones():
         match=r"CONTEXT_MODULE = 'SK' is invalid; allowed: \['ACM', 'CC', 'GC', 'NL', 'SE', 'none'\]",
     ):
         build_backbone(cfg)
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict:
+    """acm_d2 module -> the acm_d2 modules it imports anywhere in it (at the top or inside a function),
+    read from the source. `from pkg import name` counts as importing pkg.name when that is a module."""
+    paths = sorted((REPO / "acm_d2").rglob("*.py"))
+    modules = {_module_name(p): p for p in paths}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    targets.add(
+                        f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    )
+        graph[name] = sorted(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def import_cycles(graph: dict) -> list:
+    """Each cycle in `graph` once, as the list of modules along it (depth-first search)."""
+    cycles, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_no_import_cycle_among_acm_d2_modules():
+    graph = import_graph()
+    assert "acm_d2.modeling.checks" in graph["acm_d2.modeling.meta_arch"]  # the graph sees imports
+    assert import_cycles(graph) == []
+
+
+def test_import_cycles_finds_a_cycle():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}
+    assert import_cycles(graph) == [["a", "b", "c", "a"]]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert the authors' released ACM checkpoint to acm_d2's layout.
+"""Convert the authors' released ACM checkpoint to acm_d2's layout. Their code and the link to the
+checkpoint: https://github.com/mk-minchul/attend-and-compare (coco/README.md; docs/configs.md).
 
     python tools/convert_official_acm.py acm_r50_fpn_1x.pth acm_r50_fpn_1x_acm_d2.pth
     python tools/train_net.py --eval-only \
@@ -16,8 +17,8 @@ import sys
 
 import torch
 
-from acm_d2.checkpoint.files import read_state_dict
 from acm_d2.checkpoint.official import convert_official_state_dict
+from acm_d2.checkpoint.read import read_state_dict
 from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
 from acm_d2.utils.files import atomic_write, check_output_path
 

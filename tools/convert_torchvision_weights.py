@@ -17,7 +17,7 @@ import argparse
 import pickle
 import sys
 
-from acm_d2.checkpoint.files import read_state_dict
+from acm_d2.checkpoint.read import read_state_dict
 from acm_d2.checkpoint.safe_load import TRUST_FLAG_HELP
 from acm_d2.checkpoint.torchvision import (
     INPUT_FORMATS,

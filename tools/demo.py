@@ -28,6 +28,7 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run from a checkout
 
+from acm_d2.compat import last_eval_results  # noqa: E402
 from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset  # noqa: E402
 from acm_d2.engine import Trainer, setup  # noqa: E402
 from acm_d2.utils.device import resolve_device  # noqa: E402
@@ -122,7 +123,7 @@ def run_demo(args) -> dict:
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()  # Detectron2's hooks: progress/ETA, metrics.json, checkpoint, evaluation at the end
-    results = dict(getattr(trainer, "_last_eval_results", {}) or {})
+    results = last_eval_results(trainer)
     train_eval_s = time.perf_counter() - start - data_s
 
     plot_loss_curve(os.path.join(output, "metrics.json"), os.path.join(output, "loss_curve.png"))

@@ -32,6 +32,7 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import acm_d2  # noqa: E402
+from acm_d2.compat import last_eval_results  # noqa: E402
 from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset  # noqa: E402
 from acm_d2.engine import Trainer  # noqa: E402
 
@@ -184,9 +185,7 @@ def main(argv=None):
     trainer.register_hooks([watch])
     trainer.resume_or_load(resume=False)
     trainer.train()  # ends with the COCO evaluation of DATASETS.TEST
-    results = getattr(
-        trainer, "_last_eval_results", None
-    )  # DefaultTrainer keeps the final evaluation there
+    results = last_eval_results(trainer)  # the final evaluation
 
     first, last = growth(watch.samples, args.warmup)
     results = (

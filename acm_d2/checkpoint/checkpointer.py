@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..compat import clear_checkpointer_url_state
+from ..compat import call_overridden, clear_checkpointer_url_state
 from ..utils.files import TMP_SUFFIX, atomic_write
 from .safe_load import CheckpointError, UntrustedCheckpointError, load_checkpoint
 
@@ -154,9 +154,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if filename.endswith((".pkl", ".pyth")):
                 loaded = self._load_other_format(filename)
             else:
-                loaded = super()._load_file(
-                    filename
-                )  # .pth: Detectron2's URL handling, then _torch_load
+                # .pth: Detectron2's URL handling, then _torch_load
+                loaded = call_overridden(AtomicCheckpointer, self, "_load_file", filename)
         except CheckpointError:
             raise
         except Exception as error:
@@ -204,7 +203,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
     def _load_model(self, checkpoint):
-        incompatible = super()._load_model(checkpoint)
+        incompatible = call_overridden(AtomicCheckpointer, self, "_load_model", checkpoint)
         name = self._loading or "the checkpoint"
         model_keys = set(self.model.state_dict())
         missing = set(incompatible.missing_keys)

@@ -22,7 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import AtomicCheckpointer
-from ..compat import set_inner_trainer
+from ..compat import call_overridden, set_inner_trainer, trainer_hooks
 from ..config import amp_precision
 from ..data.mapper import DatasetMapper, instance_mask_format
 from ..data.stream import ResumableTrainStream, build_resumable_train_loader
@@ -66,7 +66,15 @@ class _StopOnNonFiniteLoss:
                 f"{f' on rank {comm.get_rank()}' if comm.get_world_size() > 1 else ''}: {bad}{hint}; "
                 f"finite terms: {good or 'none'}. {DIVERGENCE_KNOBS}"
             )
-        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+        call_overridden(
+            _StopOnNonFiniteLoss,
+            self,
+            "_write_metrics",
+            loss_dict,
+            data_time,
+            prefix=prefix,
+            iter=iter,
+        )
 
 
 class _SimpleTrainer(_StopOnNonFiniteLoss, SimpleTrainer):
@@ -255,6 +263,6 @@ class Trainer(DefaultTrainer):
             return super().after_train()
         # A non-finite step: skip the hooks that would save (model_final) or evaluate the model.
         self.storage.iter = self.iter
-        for h in self._hooks:
+        for h in trainer_hooks(self):
             if not isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook, RanksInSyncCheck)):
                 h.after_train()

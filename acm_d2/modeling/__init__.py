@@ -5,6 +5,7 @@ from .checks import check_context_keys, check_model_config  # noqa: F401
 from .context import (  # noqa: F401
     CONTEXT_BACKBONES,
     CONTEXT_MODULE_REGISTRY,
+    add_context_module,
     build_context_module,
     context_builder,
     is_block_selected,

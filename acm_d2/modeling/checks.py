@@ -26,8 +26,6 @@ __all__ = [
     "check_num_classes",
 ]
 
-CONTEXT_NODES = ("ACM",) + PEER_MODULES
-
 
 def check_model_config(cfg, whole_model: bool = True) -> None:
     """Every check of the context-module keys: their values (acm_d2.config.validate_acm_config), the
@@ -81,26 +79,25 @@ def check_context_keys(cfg, dropped_orth_loss_is_error: bool = True) -> None:
       * keys of another context module's node than MODEL.CONTEXT_MODULE (e.g. MODEL.ACM.* while SE is used);
       * an ACM meta-architecture whose backbone has no ACM (its `loss_acm_orth` is simply absent).
     """
-    from .meta_arch import (
-        _OrthLossMixin,  # the meta-architectures build backbones: imported when needed
-    )
-
     log = logging.getLogger("acm_d2")
+    nodes = ("ACM", *PEER_MODULES)  # read here: add_context_module may add one after import
     backbone, module = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.CONTEXT_MODULE
     if backbone not in CONTEXT_BACKBONES:
-        keys = _non_default_keys(cfg, ("CONTEXT_MODULE", "CONTEXT_RECOMPUTE") + CONTEXT_NODES)
+        keys = _non_default_keys(cfg, ("CONTEXT_MODULE", "CONTEXT_RECOMPUTE", *nodes))
         if keys:
             raise ValueError(
                 f"cfg.{', cfg.'.join(keys)} set, but MODEL.BACKBONE.NAME = {backbone!r} builds no context module, "
                 f"so nothing would read them; use one of {list(CONTEXT_BACKBONES)} or remove the keys"
             )
-    ignored = _non_default_keys(cfg, [n for n in CONTEXT_NODES if n != module])
+    ignored = _non_default_keys(cfg, [n for n in nodes if n != module])
     if backbone in CONTEXT_BACKBONES and ignored:
         log.warning(f"cfg.{', cfg.'.join(ignored)} are ignored: MODEL.CONTEXT_MODULE is {module!r}")
     has_acm = backbone in CONTEXT_BACKBONES and module == "ACM" and len(cfg.MODEL.ACM.STAGES) > 0
     meta = cfg.MODEL.META_ARCHITECTURE
-    adds_orth_loss = meta in META_ARCH_REGISTRY and issubclass(
-        META_ARCH_REGISTRY.get(meta), _OrthLossMixin
+    # The marker that acm_d2.modeling.meta_arch sets on the classes adding the loss (no import of them:
+    # they import this module).
+    adds_orth_loss = meta in META_ARCH_REGISTRY and getattr(
+        META_ARCH_REGISTRY.get(meta), "adds_orth_loss", False
     )
     weight = cfg.MODEL.ACM.ORTH_LOSS_WEIGHT
     if has_acm and not adds_orth_loss and weight > 0:

@@ -1,16 +1,15 @@
 """Context modules that the acm_d2 backbones can put into ResNet blocks, chosen by
-cfg.MODEL.CONTEXT_MODULE. A new module needs one file in acm_d2/layers and one entry here."""
+cfg.MODEL.CONTEXT_MODULE. A new module needs one file in acm_d2/layers and one entry in
+acm_d2.config.PEER_MODULES (its registry entry here, its config node and its name all come from it);
+code outside the repository calls add_context_module instead (docs/configs.md)."""
 
 import functools
 
 from detectron2.config import CfgNode
 from detectron2.utils.registry import Registry
 
+from ..config import PEER_MODULES, ContextModule, check_context_module_entry
 from ..layers.acm import AttendAndCompare
-from ..layers.criss_cross import CrissCrossAttention
-from ..layers.gc import GlobalContext
-from ..layers.nonlocal_ import NonLocal2d
-from ..layers.se import SqueezeExcite
 
 CONTEXT_MODULE_REGISTRY = Registry("CONTEXT_MODULE")
 CONTEXT_MODULE_REGISTRY.__doc__ = """
@@ -64,9 +63,10 @@ def ACM(cfg, stage, block_index, num_blocks, channels):
     )
 
 
-def _register_placed(name, make):
-    """Register entry `name`: make(cfg.MODEL.<name>, channels) in the blocks chosen by that node's STAGES
-    and BLOCKS, None elsewhere."""
+def _register_peer(name, module: ContextModule):
+    """Register entry `name`: module.build(cfg.MODEL.<name>, channels) in the blocks chosen by that
+    node's STAGES and BLOCKS, None elsewhere."""
+    check_context_module_entry(name, module)
 
     def entry(cfg, stage, block_index, num_blocks, channels):
         node = cfg.MODEL[name]
@@ -74,22 +74,24 @@ def _register_placed(name, make):
             f"MODEL.{name}", node.STAGES, node.BLOCKS, stage, block_index, num_blocks
         ):
             return None
-        return make(node, channels)
+        return module.build(node, channels)
 
     entry.__name__ = entry.__qualname__ = name
     CONTEXT_MODULE_REGISTRY.register(entry)
 
 
-# The peers the paper compares with; acm_d2/layers documents each one and how it differs from its paper.
-_register_placed("SE", lambda se, channels: SqueezeExcite(channels, reduction=se.REDUCTION))
-_register_placed("GC", lambda gc, channels: GlobalContext(channels, ratio=gc.RATIO))
-_register_placed("NL", lambda nl, channels: NonLocal2d(channels))
-_register_placed(
-    "CC",
-    lambda cc, channels: CrissCrossAttention(
-        channels, reduction=cc.REDUCTION, recurrence=cc.RECURRENCE
-    ),
-)
+for _name, _module in PEER_MODULES.items():
+    _register_peer(_name, _module)
+
+
+def add_context_module(name: str, module: ContextModule) -> None:
+    """Add a context module from outside the repository (inside it, add its entry to
+    acm_d2.config.PEER_MODULES): add_acm_config then adds cfg.MODEL.<name> with module.defaults, and
+    MODEL.CONTEXT_MODULE = name places module.build's modules. Call it before building configs."""
+    if name in PEER_MODULES:
+        raise ValueError(f"context module {name!r} exists already; choose another name")
+    _register_peer(name, module)
+    PEER_MODULES[name] = module
 
 
 def build_context_module(cfg, stage, block_index, num_blocks, channels):
@@ -109,8 +111,8 @@ def context_builder(name="ACM", **nodes):
     """build_context_module without a yaml config, for Python (LazyConfig) configs and plain PyTorch:
     returns callable(stage, block_index, num_blocks, channels) for make_context_stages.
 
-    `name` is what cfg.MODEL.CONTEXT_MODULE holds in a yaml config ("ACM", "SE", "GC", "NL", "CC" or
-    "none"); each keyword overrides keys of the cfg.MODEL node of that name, the rest keep
+    `name` is what cfg.MODEL.CONTEXT_MODULE holds in a yaml config ("ACM", "none" or a name in
+    acm_d2.config.PEER_MODULES: "SE", "GC", "NL", "CC"); each keyword overrides keys of the cfg.MODEL node of that name, the rest keep
     add_acm_config's defaults: context_builder("ACM", ACM=dict(NUM_GROUPS=64, STAGES=["res3", "res4", "res5"])).
     The values are validated as a yaml config's are.
     """
@@ -118,9 +120,7 @@ def context_builder(name="ACM", **nodes):
 
     from ..config import add_acm_config, validate_acm_config
 
-    cfg = CfgNode(
-        {"MODEL": CfgNode(), "SOLVER": CfgNode({"AMP": CfgNode()})}
-    )  # the nodes add_acm_config extends
+    cfg = CfgNode({"MODEL": CfgNode()})  # the node add_acm_config extends
     add_acm_config(cfg)
     cfg.MODEL.CONTEXT_MODULE = name
     for node, values in nodes.items():
@@ -128,7 +128,7 @@ def context_builder(name="ACM", **nodes):
             values = OmegaConf.to_container(values, resolve=True)
         if node not in cfg.MODEL or not isinstance(cfg.MODEL[node], CfgNode):
             raise KeyError(
-                f"context_builder({node}=...): no such node; allowed: ACM, SE, GC, NL, CC"
+                f"context_builder({node}=...): no such node; allowed: {', '.join(['ACM', *PEER_MODULES])}"
             )
         cfg.MODEL[node].merge_from_other_cfg(CfgNode(dict(values)))
     validate_acm_config(cfg)

@@ -95,6 +95,8 @@ class OrthogonalLoss:
 
 
 class _OrthLossMixin:
+    adds_orth_loss = True  # read by acm_d2.modeling.checks.check_context_keys
+
     @configurable
     def __init__(self, *, orth_loss_weight: float, orth_loss_mode: str, **kwargs):
         """

@@ -24,6 +24,7 @@ __all__ = ["ACMRes5ROIHeads"]
 class ACMRes5ROIHeads(Res5ROIHeads):
     """Res5ROIHeads whose res5 blocks carry the context module of cfg.MODEL.CONTEXT_MODULE."""
 
+    # Detectron2 has no public hook for the res5 builder: listed in acm_d2.compat.OVERRIDDEN.
     @classmethod
     def _build_res5_block(cls, cfg):
         if cfg.MODEL.RESNETS.RES5_DILATION != 1:
