@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.acm_d2-installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-all lint demo demo-compare venv lock wheelhouse clean
+.PHONY: test test-all lint demo demo-compare venv lock wheelhouse weights clean
 
 # Every version `make venv` installs comes from CONSTRAINTS (written by `make lock`), so each clone
 # tests the same packages; `make venv CONSTRAINTS=` takes the newest within setup.py's ranges instead.
@@ -54,13 +54,14 @@ demo: $(STAMP)
 demo-compare: $(STAMP)
 	$(PY) tools/demo.py --output output/demo-compare --compare
 
-# Offline install (docs/install.md): the wheels of acm_d2, detectron2 and their dependencies
-# for CPython $(PYTHON_VERSION) (default: $(PY)'s) on manylinux x86_64, minus WHEELHOUSE_EXCLUDE, which the
-# target environment must already have. torchvision requires numpy and Pillow, so every torch
-# environment has those too.
+# Offline install (docs/install.md): the wheels of acm_d2 (with WHEELHOUSE_EXTRAS, e.g. deploy),
+# detectron2 and their dependencies for CPython $(PYTHON_VERSION) (default: $(PY)'s) on manylinux
+# x86_64, minus WHEELHOUSE_EXCLUDE, which the target environment must already have. torchvision
+# requires numpy and Pillow, so every torch environment has those too.
 PYTHON_VERSION ?=
 WHEELHOUSE ?= wheelhouse
 WHEELHOUSE_EXCLUDE ?= torch torchvision numpy pillow
+WHEELHOUSE_EXTRAS ?=
 
 # Building wheels needs pip, wheel and packaging, not torch: a bare venv will do (`make venv` completes it).
 $(PY):
@@ -69,7 +70,14 @@ $(PY):
 
 wheelhouse: $(PY)
 	$(PY) scripts/build_wheelhouse.py $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) \
-		--output $(WHEELHOUSE) --exclude $(WHEELHOUSE_EXCLUDE)
+		--output $(WHEELHOUSE) --exclude $(WHEELHOUSE_EXCLUDE) \
+		$(if $(WHEELHOUSE_EXTRAS),--extras $(WHEELHOUSE_EXTRAS))
+
+# The weights the configs fetch at start (detectron2://ImageNetPretrained/...), fetched ahead into
+# WEIGHTS_CACHE for a cluster without internet: there, run with FVCORE_CACHE=<that folder>.
+WEIGHTS_CACHE ?= weights-cache
+weights: $(STAMP)
+	$(PY) tools/fetch_weights.py --cache $(WEIGHTS_CACHE)
 
 clean:
 	rm -rf $(VENV) output

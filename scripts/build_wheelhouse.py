@@ -83,6 +83,37 @@ def requires_dist(wheel):
     ]
 
 
+def provided_extras(wheel):
+    """The extras a wheel offers (its METADATA's Provides-Extra lines)."""
+    with zipfile.ZipFile(wheel) as zf:
+        (metadata,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = zf.read(metadata).decode().splitlines()
+    return [line.split(":", 1)[1].strip() for line in lines if line.startswith("Provides-Extra:")]
+
+
+def root_requirements(wheels, extras, exclude, env):
+    """What the wheelhouse's own wheels need on the target: acm_d2's requirements with `extras` (e.g.
+    deploy), the others' plain ones, minus the distributions in `exclude`."""
+    roots = []
+    for wheel in wheels:
+        if canonicalize_name(parse_wheel_filename(wheel.name)[0]) == "acm-d2":
+            unknown = set(extras) - set(provided_extras(wheel))
+            if unknown:
+                raise SystemExit(
+                    f"error: --extras {' '.join(sorted(unknown))}: acm_d2 has the extras "
+                    f"{' '.join(provided_extras(wheel))} (setup.py's extras_require)"
+                )
+            wanted = tuple(extras)
+        else:
+            wanted = ()
+        roots += [
+            r
+            for r in requires_dist(wheel)
+            if applies(r, wanted, env) and canonicalize_name(r.name) not in exclude
+        ]
+    return roots
+
+
 def applies(requirement, extras, env):
     """Whether `requirement` is needed on the target when its dependent was asked for with `extras`."""
     if requirement.marker is None:
@@ -233,6 +264,12 @@ def main(argv=None):
         help="distributions the target environment already has (the Makefile's WHEELHOUSE_EXCLUDE); "
         "what only they need is left out too",
     )
+    parser.add_argument(
+        "--extras",
+        nargs="*",
+        default=[],
+        help="acm_d2 extras whose dependencies go in too, e.g. deploy (ONNX export and its check)",
+    )
     args = parser.parse_args(argv)
     if args.output.exists() and any(args.output.iterdir()):
         raise SystemExit(f"error: {args.output} is not empty; remove it or choose another --output")
@@ -251,10 +288,7 @@ def main(argv=None):
         own = work / "own"
         pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", own, source)
         run("bash", REPO / "scripts" / "install_detectron2.sh", "--wheel-only", own, sys.executable)
-        roots = [r for wheel in own.glob("*.whl") for r in requires_dist(wheel)]
-        roots = [
-            r for r in roots if applies(r, (), env) and canonicalize_name(r.name) not in exclude
-        ]
+        roots = root_requirements(sorted(own.glob("*.whl")), args.extras, exclude, env)
 
         built = work / "built"
         built.mkdir()

@@ -131,20 +131,24 @@ def test_make_wheelhouse_passes_its_variables_to_the_script():
         "PYTHON_VERSION=3.12",
         "WHEELHOUSE=wheelhouse-gpu",
         "WHEELHOUSE_EXCLUDE=torch opencv-python-headless",
+        "WHEELHOUSE_EXTRAS=deploy",
     )
     assert (
-        "--python-version 3.12 --output wheelhouse-gpu --exclude torch opencv-python-headless"
-        in custom
+        "--python-version 3.12 --output wheelhouse-gpu --exclude torch opencv-python-headless "
+        "--extras deploy" in custom
     )
 
 
-def _tiny_wheel(folder, body="VALUE = 1\n"):
-    """A minimal pure-Python wheel, tinypkg 1.0, written without a build backend."""
-    wheel = folder / "tinypkg-1.0-py3-none-any.whl"
-    info = "tinypkg-1.0.dist-info"
+def _tiny_wheel(folder, body="VALUE = 1\n", name="tinypkg", metadata=""):
+    """A minimal pure-Python wheel `name` 1.0 (`metadata`: more METADATA lines), written without a
+    build backend."""
+    wheel = folder / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("tinypkg/__init__.py", body)
-        zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n")
+        zf.writestr(f"{name}/__init__.py", body)
+        zf.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n{metadata}"
+        )
         zf.writestr(
             f"{info}/WHEEL",
             "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
@@ -207,3 +211,24 @@ def test_install_detectron2_help_and_bad_arguments_print_usage():
         result = script(*arguments)
         assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
         assert "usage: install_detectron2.sh" in result.stderr
+
+
+def test_extras_add_acm_d2s_extra_requirements_and_an_unknown_extra_is_named(tmp_path):
+    own = _tiny_wheel(
+        tmp_path,
+        name="acm_d2",
+        metadata="Requires-Dist: fvcore\nProvides-Extra: deploy\n"
+        'Requires-Dist: onnx>=1.16; extra == "deploy"\nRequires-Dist: torch>=2.1\n',
+    )
+    other = _tiny_wheel(
+        tmp_path, name="sal_detectron2", metadata='Requires-Dist: black; extra == "deploy"\n'
+    )
+    env = bw.marker_environment("3.12")
+
+    def names(extras):
+        return sorted(r.name for r in bw.root_requirements([own, other], extras, {"torch"}, env))
+
+    assert names([]) == ["fvcore"]
+    assert names(["deploy"]) == ["fvcore", "onnx"]  # acm_d2's extra only, torch excluded
+    with pytest.raises(SystemExit, match="--extras gpu: acm_d2 has the extras deploy"):
+        names(["gpu"])
