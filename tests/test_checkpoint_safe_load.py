@@ -17,7 +17,12 @@ import torch
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
 from acm_d2.checkpoint.files import read_state_dict
-from acm_d2.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, load_checkpoint
+from acm_d2.checkpoint.safe_load import (
+    TRUST_ENV,
+    CheckpointError,
+    UntrustedCheckpointError,
+    load_checkpoint,
+)
 from acm_d2.utils.files import atomic_write
 from conftest import REPO
 
@@ -246,6 +251,25 @@ def test_checkpoints_nested_a_few_dozen_deep_still_load(tmp_path):
         else:
             torch.save(nested, tmp_path / name)
         assert load_checkpoint(str(tmp_path / name), trusted=False).keys() == {"trainer"}
+
+
+def test_nesting_through_a_shared_container_counts_its_whole_depth(tmp_path):
+    """60 lists reached shallow first and again under 60 more: 120 deep, each path alone is not."""
+    chain = []
+    for _ in range(60):
+        chain = [chain]
+    deep = chain
+    for _ in range(60):
+        deep = [deep]
+    path = tmp_path / "shared.pkl"
+    path.write_bytes(pickle.dumps({"model": {"deep": deep, "shallow": chain}}))
+    with pytest.raises(CheckpointError, match=r"shared\.pkl.*more than 100 deep"):
+        load_checkpoint(str(path), trusted=False)
+    loop = []
+    loop.append(loop)
+    path.write_bytes(pickle.dumps({"model": loop}))
+    with pytest.raises(CheckpointError, match="holds itself"):
+        load_checkpoint(str(path), trusted=False)
 
 
 def test_a_pth_record_inflating_far_beyond_its_size_is_refused_before_allocating(tmp_path):

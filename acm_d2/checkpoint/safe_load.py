@@ -177,42 +177,52 @@ def _check_zip_records(path):
                     f"refusing to read checkpoint {path!r}: its record {record.filename!r} declares "
                     f"{record.file_size} bytes from {record.compress_size} stored (more than "
                     f"{ZIP_MAX_EXPANSION}x): reading it would allocate that much first. torch.save "
-                    f"stores records uncompressed; if you trust this file, {HOW_TO_TRUST.split(', ', 1)[1]}"
+                    f"stores records uncompressed; {HOW_TO_TRUST}"
                 )
+
+
+def _containers_in(item):
+    """The items a container holds (dict keys too), or None for anything else."""
+    if isinstance(item, dict):
+        return [*item.keys(), *item.values()]
+    if isinstance(item, (list, tuple, set, frozenset)):
+        return item
+    return None
 
 
 def _check_nesting(path, obj):
     """Refuses containers nested more than MAX_NESTING deep or holding themselves, and numpy arrays of
-    objects, walking the loaded object without recursion (so that no recursive code meets them)."""
-    done, path_ids, stack = set(), set(), [(obj, False)]
+    objects, walking the loaded object without recursion (so that no recursive code meets them). A
+    container reached twice is walked once; its height (longest chain below it) counts on each path."""
+    heights, on_path, stack = {}, set(), [(obj, False)]
+
+    def too_deep():
+        return CheckpointError(
+            f"refusing to read checkpoint {path!r}: it nests containers more than {MAX_NESTING} "
+            "deep (a file of weights nests a few), deeper than code that walks it recursively can go"
+        )
+
     while stack:
         item, leaving = stack.pop()
         if isinstance(item, np.ndarray) and item.dtype.hasobject:
             _refuse(path, OBJECT_ARRAY)
-        if isinstance(item, dict):
-            children = [*item.keys(), *item.values()]
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            children = item
-        else:
+        children = _containers_in(item)
+        if children is None or id(item) in heights:
             continue
         if leaving:
-            path_ids.discard(id(item))
-            done.add(id(item))
+            on_path.discard(id(item))
+            heights[id(item)] = 1 + max((heights.get(id(c), 0) for c in children), default=0)
+            if heights[id(item)] + len(on_path) > MAX_NESTING:
+                raise too_deep()
             continue
-        if id(item) in done:
-            continue
-        if id(item) in path_ids:
+        if id(item) in on_path:
             raise CheckpointError(
                 f"refusing to read checkpoint {path!r}: a container in it holds itself, which no file "
                 "of weights does"
             )
-        path_ids.add(id(item))
-        if len(path_ids) > MAX_NESTING:
-            raise CheckpointError(
-                f"refusing to read checkpoint {path!r}: it nests containers more than {MAX_NESTING} "
-                "deep (a file of weights nests a few), which would overflow the stack of the code "
-                "that reads it"
-            )
+        on_path.add(id(item))
+        if len(on_path) > MAX_NESTING:  # early, before walking the rest of a long chain
+            raise too_deep()
         stack.append((item, True))
         stack.extend((child, False) for child in children)
 
