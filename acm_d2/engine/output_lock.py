@@ -128,7 +128,7 @@ def _open_lock_file(path: str, output_dir: str) -> int:
     with one name: O_NOFOLLOW stops at a symbolic link, and a hard link or a device would make the
     record written below land in another file."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as error:
         if error.errno != errno.ELOOP:
             raise
