@@ -8,6 +8,6 @@ WHEELHOUSE=${WHEELHOUSE:-wheelhouse}
 OUT=${OUT:-output/gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
-python3 -m pip install -q --no-index --find-links "$WHEELHOUSE" acm_d2 sal-detectron2 2>&1 | tail -5
+python3 -m pip install -q --no-index --find-links "$WHEELHOUSE" --require-hashes -r "$WHEELHOUSE/requirements.txt" 2>&1 | tail -5
 python3 -c "import detectron2, acm_d2, triton, torch; print('detectron2', detectron2.__version__, 'triton', triton.__version__, 'torch', torch.__version__)"
 python3 -m acm_d2.selftest "$@" --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.log"

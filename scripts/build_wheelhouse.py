@@ -4,7 +4,10 @@
 
 and then, on the machine without a package index:
 
-    pip install --no-index --find-links wheelhouse acm_d2 sal-detectron2
+    pip install --no-index --find-links wheelhouse --require-hashes -r wheelhouse/requirements.txt
+
+The folder's requirements.txt pins every wheel in it to its version and sha256, so pip refuses a wheel
+changed after the build (in transit, or in a shared folder) instead of installing it.
 
 The folder holds the acm_d2 wheel built from this checkout, the repacked pure-Python detectron2 wheel
 (scripts/install_detectron2.sh --wheel-only) and the dependency closure of both for the target Python
@@ -17,8 +20,10 @@ binary wheel is refused, since it would be built for this Python, not the target
 """
 
 import argparse
+import hashlib
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -28,10 +33,10 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
 REPO = Path(__file__).resolve().parent.parent
-DETECTRON2_DIST = "sal-detectron2"
+MANIFEST = "requirements.txt"  # the wheels' versions and sha256, for pip install --require-hashes
 # Wheel tags that pip accepts for the target: CPython on glibc x86_64 (the GPU clusters), newest
 # first; pure-Python wheels (py3-none-any) match any of them.
 PLATFORMS = (
@@ -78,6 +83,37 @@ def requires_dist(wheel):
     ]
 
 
+def provided_extras(wheel):
+    """The extras a wheel offers (its METADATA's Provides-Extra lines)."""
+    with zipfile.ZipFile(wheel) as zf:
+        (metadata,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = zf.read(metadata).decode().splitlines()
+    return [line.split(":", 1)[1].strip() for line in lines if line.startswith("Provides-Extra:")]
+
+
+def root_requirements(wheels, extras, exclude, env):
+    """What the wheelhouse's own wheels need on the target: acm_d2's requirements with `extras` (e.g.
+    deploy), the others' plain ones, minus the distributions in `exclude`."""
+    roots = []
+    for wheel in wheels:
+        if canonicalize_name(parse_wheel_filename(wheel.name)[0]) == "acm-d2":
+            unknown = set(extras) - set(provided_extras(wheel))
+            if unknown:
+                raise SystemExit(
+                    f"error: --extras {' '.join(sorted(unknown))}: acm_d2 has the extras "
+                    f"{' '.join(provided_extras(wheel))} (setup.py's extras_require)"
+                )
+            wanted = tuple(extras)
+        else:
+            wanted = ()
+        roots += [
+            r
+            for r in requires_dist(wheel)
+            if applies(r, wanted, env) and canonicalize_name(r.name) not in exclude
+        ]
+    return roots
+
+
 def applies(requirement, extras, env):
     """Whether `requirement` is needed on the target when its dependent was asked for with `extras`."""
     if requirement.marker is None:
@@ -112,6 +148,36 @@ def closure(roots, requires, exclude, env):
         needed[name] = needed.get(name, set()) | new_extras
         pending += [(r, tuple(needed[name])) for r in requires[name]]
     return sorted(needed)
+
+
+def write_manifest(folder):
+    """Writes folder/requirements.txt: each wheel in `folder` as `name==version --hash=sha256:...`.
+    Returns its path."""
+    lines = []
+    for wheel in sorted(folder.glob("*.whl")):
+        name, version, *_ = parse_wheel_filename(wheel.name)
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        lines.append(f"{name}=={version} --hash=sha256:{digest}\n")
+    manifest = folder / MANIFEST
+    manifest.write_text("".join(lines))
+    return manifest
+
+
+def install_command(folder):
+    return f"pip install --no-index --find-links {folder} --require-hashes -r {folder / MANIFEST}"
+
+
+def python_version(text):
+    """argparse type of --python-version: a CPython version 3.N that acm_d2 supports (setup.py)."""
+    match = re.fullmatch(r"3\.(\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a CPython version of the form 3.N (e.g. 3.12: the target's "
+            "`python3 -c 'import sys; print(sys.version[:4])'`)"
+        )
+    if int(match[1]) < 10:
+        raise argparse.ArgumentTypeError(f"{text}: acm_d2 needs Python 3.10 or newer (setup.py)")
+    return text.strip()
 
 
 def run(*command):
@@ -184,6 +250,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--python-version",
+        type=python_version,
         default=platform.python_version_tuple()[0] + "." + platform.python_version_tuple()[1],
         help="target CPython version, e.g. 3.12 (default: the Python running this script)",
     )
@@ -196,6 +263,12 @@ def main(argv=None):
         required=True,
         help="distributions the target environment already has (the Makefile's WHEELHOUSE_EXCLUDE); "
         "what only they need is left out too",
+    )
+    parser.add_argument(
+        "--extras",
+        nargs="*",
+        default=[],
+        help="acm_d2 extras whose dependencies go in too, e.g. deploy (ONNX export and its check)",
     )
     args = parser.parse_args(argv)
     if args.output.exists() and any(args.output.iterdir()):
@@ -215,10 +288,7 @@ def main(argv=None):
         own = work / "own"
         pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", own, source)
         run("bash", REPO / "scripts" / "install_detectron2.sh", "--wheel-only", own, sys.executable)
-        roots = [r for wheel in own.glob("*.whl") for r in requires_dist(wheel)]
-        roots = [
-            r for r in roots if applies(r, (), env) and canonicalize_name(r.name) not in exclude
-        ]
+        roots = root_requirements(sorted(own.glob("*.whl")), args.extras, exclude, env)
 
         built = work / "built"
         built.mkdir()
@@ -233,13 +303,16 @@ def main(argv=None):
         pip("download", "--quiet", "--no-deps", *target_pip_options(args.python_version),
             "--find-links", built, "-d", args.output, *pins)  # fmt: skip
 
+    manifest = write_manifest(args.output)
     wheels = sorted(args.output.glob("*.whl"), key=lambda w: w.stat().st_size, reverse=True)
     total = sum(w.stat().st_size for w in wheels)
     for wheel in wheels:
         print(f"{wheel.stat().st_size / 2**20:8.2f} MiB  {wheel.name}")
     print(f"{total / 2**20:8.2f} MiB in {len(wheels)} wheels in {args.output}")
     print(f"excluded (the target must have them): {' '.join(sorted(exclude)) or 'nothing'}")
-    print(f"install: pip install --no-index --find-links {args.output} acm_d2 {DETECTRON2_DIST}")
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    print(f"hashes: {manifest} (its own sha256: {digest}; compare it on the target)")
+    print(f"install: {install_command(args.output)}")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,26 @@
 # (used by scripts/build_wheelhouse.py); PYTHON is then only the pip and wheel that do the work.
 set -euo pipefail
 usage="usage: install_detectron2.sh [--wheel-only DIR] PYTHON"
+help="$usage
+
+Installs the pinned, sha256-checked sal-detectron2 0.7.2 wheel, repacked as pure Python, into the
+environment of PYTHON (e.g. .venv/bin/python) when it cannot import detectron2; keeps an installed one.
+  --wheel-only DIR  install nothing; write the repacked wheel into DIR (PYTHON only runs pip and wheel)
+  -h, --help        show this help
+See docs/install.md."
+fail() { printf 'error: %s\n%s\n' "$1" "$usage" >&2; exit 2; }
 WHEEL_DIR=
-if [ "${1:-}" = "--wheel-only" ]; then
-  WHEEL_DIR=${2:?$usage}; shift 2
-fi
-PY=${1:?$usage}
+case "${1:-}" in
+  -h|--help) echo "$help"; exit 0 ;;
+  --wheel-only)
+    [ $# -ge 2 ] || fail "--wheel-only needs a folder"
+    WHEEL_DIR=$2; shift 2 ;;
+  -*) fail "unknown option $1" ;;
+esac
+[ $# -eq 1 ] || fail "give one PYTHON (got $# arguments)"
+PY=$1
+"$PY" -c "import sys; assert sys.version_info >= (3,)" 2>/dev/null ||
+  fail "PYTHON '$PY' is not a Python interpreter that runs (give its path, e.g. .venv/bin/python)"
 if [ -z "$WHEEL_DIR" ] && "$PY" -c "import detectron2" 2>/dev/null; then
   echo "detectron2 already importable: keeping it"; exit 0
 fi

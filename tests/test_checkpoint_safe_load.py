@@ -5,9 +5,11 @@ user's permissions; converters never overwrite their input."""
 import argparse
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,7 +17,12 @@ import torch
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
 from acm_d2.checkpoint.read import read_state_dict
-from acm_d2.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, load_checkpoint
+from acm_d2.checkpoint.safe_load import (
+    TRUST_ENV,
+    CheckpointError,
+    UntrustedCheckpointError,
+    load_checkpoint,
+)
 from acm_d2.utils.files import atomic_write
 from conftest import REPO
 
@@ -189,3 +196,112 @@ def test_converters_never_overwrite_their_input_and_name_a_missing_output_folder
         result.returncode != 0
         and f"output folder {str(tmp_path / 'nope')!r} does not exist" in result.stderr
     ), result.stderr
+
+
+def _deep_list_pickle(depth):
+    """A protocol-2 pickle of {"model": [[[...]]]}, `depth` lists deep, written opcode by opcode (pickle
+    itself would recurse)."""
+    model = b"X\x05\x00\x00\x00model"
+    return b"\x80\x02}" + model + b"]" * depth + b"a" * (depth - 1) + b"s."
+
+
+def _nested_object_arrays_pickle(depth):
+    """numpy object arrays, each holding the next: freeing these recursively crashed the process."""
+    one = pickle.dumps(np.array([7], dtype=object), protocol=2)
+    head, tail = one[2:].split(b"K\x07")  # drop PROTO; BININT1 7 is the innermost element
+    return b"\x80\x02" + head * depth + b"K\x07" + tail[:-1] * depth + b"."
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("deep.pkl", _deep_list_pickle(50_000), r"nests containers more than 100 deep"),
+        ("one_object.pkl", pickle.dumps({"model": {"w": np.array([1, "a"], object)}}), "dtype"),
+        (
+            "big_array.pkl",  # numpy.ndarray((2**24,)) called from the pickle
+            b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x01\x85R.",
+            r"built other than numpy pickles one",
+        ),
+    ],
+)
+def test_hostile_pkl_is_refused_naming_the_file(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}.*{message}"):
+        load_checkpoint(str(path), trusted=False)
+
+
+def test_nested_object_arrays_are_refused_instead_of_crashing_the_process(tmp_path):
+    """Run in a subprocess: before the fix, freeing the arrays killed the interpreter (SIGSEGV)."""
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(_nested_object_arrays_pickle(50_000))
+    code = (
+        "import sys; from acm_d2.checkpoint.safe_load import CheckpointError, load_checkpoint\n"
+        "try: load_checkpoint(sys.argv[1], trusted=False)\n"
+        "except CheckpointError as e: print(e); sys.exit(3)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    assert "objects.pkl" in result.stdout and "dtype object" in result.stdout, result.stdout
+
+
+def test_checkpoints_nested_a_few_dozen_deep_still_load(tmp_path):
+    for name, weight in (("ok.pkl", np.zeros(2, np.float32)), ("ok.pth", torch.zeros(2))):
+        nested = {"model": {"w": weight}, "history": [[[1.0]] * 3] * 2}
+        for _ in range(20):
+            nested = {"trainer": nested}
+        if name.endswith(".pkl"):
+            (tmp_path / name).write_bytes(pickle.dumps(nested))
+        else:
+            torch.save(nested, tmp_path / name)
+        assert load_checkpoint(str(tmp_path / name), trusted=False).keys() == {"trainer"}
+
+
+def test_nesting_through_a_shared_container_counts_its_whole_depth(tmp_path):
+    """60 lists reached shallow first and again under 60 more: 120 deep, each path alone is not."""
+    chain = []
+    for _ in range(60):
+        chain = [chain]
+    deep = chain
+    for _ in range(60):
+        deep = [deep]
+    path = tmp_path / "shared.pkl"
+    path.write_bytes(pickle.dumps({"model": {"deep": deep, "shallow": chain}}))
+    with pytest.raises(CheckpointError, match=r"shared\.pkl.*more than 100 deep"):
+        load_checkpoint(str(path), trusted=False)
+    loop = []
+    loop.append(loop)
+    path.write_bytes(pickle.dumps({"model": loop}))
+    with pytest.raises(CheckpointError, match="holds itself"):
+        load_checkpoint(str(path), trusted=False)
+
+
+def test_a_pth_record_inflating_far_beyond_its_size_is_refused_before_allocating(tmp_path):
+    """A 256 MiB storage of zeros deflated to ~0.3 MB: refused from the zip directory, before
+    torch.load allocates it (the process's peak memory does not grow by the declared size)."""
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": {"w": torch.zeros(64 * 2**20)}}, plain)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for record in src.infolist():
+            dst.writestr(record.filename, src.read(record))
+    plain.unlink()
+    assert bomb.stat().st_size < 2**20
+    code = (
+        "import re, sys; from acm_d2.checkpoint.safe_load import CheckpointError, load_checkpoint\n"
+        # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's before exec)
+        "peak = lambda: int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+        "before = peak()\n"
+        "try: load_checkpoint(sys.argv[1], trusted=False)\n"
+        "except CheckpointError as e: print(e)\n"
+        "print('grew', peak() - before)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"bomb\.pth.*declares 268435456 bytes", result.stdout), result.stdout
+    grew = int(result.stdout.split("grew ")[1])
+    assert grew < 2**26, grew  # reading the record would take 256 MiB

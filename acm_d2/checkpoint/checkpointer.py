@@ -31,7 +31,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..compat import call_overridden, clear_checkpointer_url_state
 from ..utils.files import TMP_SUFFIX, atomic_write
-from .safe_load import CheckpointError, UntrustedCheckpointError, load_checkpoint
+from .safe_load import CheckpointError, load_checkpoint
 
 __all__ = ["AtomicCheckpointer", "CheckpointError", "is_context_key"]
 
@@ -136,7 +136,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _torch_load(self, f):
         try:
             loaded = load_checkpoint(f)
-        except UntrustedCheckpointError:
+        except CheckpointError:  # refused, naming the file and why
             raise
         except Exception as error:
             raise CheckpointError(

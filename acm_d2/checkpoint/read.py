@@ -3,7 +3,7 @@
 import os
 from typing import Dict
 
-from .safe_load import UntrustedCheckpointError, load_checkpoint
+from .safe_load import CheckpointError, load_checkpoint
 
 __all__ = ["read_state_dict"]
 
@@ -13,14 +13,14 @@ def read_state_dict(path: str, trusted=None) -> Dict:
     read without running code from it (acm_d2.checkpoint.safe_load; `trusted` as there).
 
     A missing file is a FileNotFoundError; an unreadable one (truncated, not a checkpoint), one holding
-    no state dict, or one that needs more than weights (UntrustedCheckpointError) is a ValueError; all
-    name the file.
+    no state dict, or one refused by the safe loader (CheckpointError: it needs more than weights or
+    is built to exhaust the reader) is a ValueError; all name the file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     try:
         data = load_checkpoint(path, trusted)
-    except UntrustedCheckpointError:
+    except CheckpointError:  # refused, naming the file and why
         raise
     except Exception as e:  # truncated or not a checkpoint: say which file and why
         raise ValueError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})") from e

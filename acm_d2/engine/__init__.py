@@ -6,6 +6,6 @@ from .defaults import (  # noqa: F401
     setup_lazy,
 )
 from .launch import launch  # noqa: F401
-from .output_lock import OutputDirInUseError, lock_output_dir  # noqa: F401
+from .output_lock import OutputDirInUseError, OutputDirLockError, lock_output_dir  # noqa: F401
 from .resume import ExactResumeHook  # noqa: F401
 from .trainer import NonFiniteLossError, Trainer, build_step_trainer, create_ddp_model_any_device  # noqa: F401
