@@ -28,7 +28,8 @@ def test_acm_calls_and_their_backward_nodes_are_found_in_a_profile():
         events = profiling.profile_events(step, cuda=False)
     assert calls == 2
     b = profiling.acm_breakdown(events)
-    assert b["calls"] == 2 and set(b) == {"calls", "forward", "backward"}
+    assert b["calls"] == 2 and set(b) == {"calls", "forward", "backward", "gpu_ms"}
+    assert b["gpu_ms"] == 0  # nothing runs on a GPU here
     assert b["backward"]["host_us_per_call"] > 0
     # The reference ACM's backward is many small autograd nodes, the fused one's a single node.
     assert b["backward"]["self_us_per_call"]["autograd/custom-op machinery"] > 0

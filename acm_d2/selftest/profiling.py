@@ -191,6 +191,9 @@ def acm_breakdown(events: list) -> dict:
     }
     if backward:
         out["backward"] = _summary(dict(backward), len(forward))
+    out["gpu_ms"] = sum(
+        out[p]["gpu_us_per_call"] * len(forward) / 1e3 for p in ("forward", "backward") if p in out
+    )
     return out
 
 
