@@ -174,6 +174,7 @@ def summary_lines(report: dict) -> List[str]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        prog="python -m acm_d2.selftest",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
