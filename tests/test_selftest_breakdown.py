@@ -108,3 +108,62 @@ def test_memory_peak_is_replayed_and_attributed_to_the_frames_that_made_it():
         "conv activations": 4 / 2**10,
         "ACM (acm_d2/layers)": 1 / 2**10,
     }
+
+
+def _event(i, name, start, end, thread=1, seq=-1, device=torch.autograd.DeviceType.CPU):
+    from torch.autograd.profiler_util import FunctionEvent
+
+    return FunctionEvent(
+        id=i,
+        name=name,
+        thread=thread,
+        start_us=start,
+        end_us=end,
+        sequence_nr=seq,
+        device_type=device,
+    )
+
+
+def test_gpu_launches_and_kernel_time_are_attributed_to_the_acm_call():
+    """A CUDA-like profile built by hand (no GPU here): the fused op's forward launches 3 kernels from
+    inside the ACM range, its backward node (same sequence number, another thread) 2 and allocates; a
+    conv outside ACM launches one. Only ACM's launches and kernels count per call."""
+    from torch.autograd.profiler_util import EventList
+
+    forward_op = _event(2, "acm_d2::acm_fused_forward", 10, 90, seq=7)
+    forward_op.append_kernel("_fwd_reduce_kernel", 0, 50)
+    backward_node = _event(20, "autograd::engine::evaluate_function: AcmBackward", 300, 400, 2, 7)
+    backward_node.append_kernel("_bwd_dx_kernel", 0, 30)
+    conv = _event(10, "aten::conv2d", 100, 200, seq=8)
+    conv.append_kernel("sm90_conv", 0, 80)
+    events = [
+        _event(1, profiling.ACM_RANGE, 0, 100),
+        forward_op,
+        *[_event(3 + i, "cuLaunchKernelEx", 20 + 10 * i, 25 + 10 * i) for i in range(3)],
+        conv,
+        _event(11, "cudaLaunchKernel", 110, 115),
+        backward_node,
+        _event(21, "cudaLaunchKernel", 310, 312, 2),
+        _event(22, "cudaLaunchKernel", 313, 315, 2),
+        _event(23, "aten::empty", 320, 325, 2),
+        _event(30, "autograd::engine::evaluate_function: ConvBackward0", 400, 500, 2, 8),
+        _event(40, "_fwd_reduce_kernel", 50, 100, device=torch.autograd.DeviceType.CUDA),
+        _event(41, "sm90_conv", 120, 200, device=torch.autograd.DeviceType.CUDA),
+        _event(42, "Memset (Device)", 200, 201, device=torch.autograd.DeviceType.CUDA),
+    ]
+    tree = EventList(events)
+    tree._build_tree()
+    b = profiling.acm_breakdown(list(tree))
+    assert b["calls"] == 1
+    assert b["forward"]["launches_per_call"] == 3 and b["backward"]["launches_per_call"] == 2
+    assert b["forward"]["host_us_per_call"] == 100 and b["backward"]["host_us_per_call"] == 100
+    assert b["forward"]["kernels"] == {
+        "_fwd_reduce_kernel": {"calls_per_call": 1, "us_per_call": 50}
+    }
+    assert b["gpu_ms"] == pytest.approx(0.08)
+    backward = b["backward"]["self_us_per_call"]
+    assert backward["CUDA launch calls"] == 4 and backward["allocations"] == 5
+    assert backward["autograd/custom-op machinery"] == 100 - 4 - 5
+    step = profiling.step_kernels(list(tree))
+    assert step["kernels"] == 2 and step["gpu_ms"] == pytest.approx(0.13)
+    assert step["top"][0] == {"name": "sm90_conv", "calls": 1, "ms": 0.08}
