@@ -1,4 +1,4 @@
-"""tools/benchmark.py on tiny inputs: it runs the models side by side and writes every figure."""
+"""tools/benchmark_model.py on tiny inputs: it runs the models side by side and writes every figure."""
 
 import json
 import os
@@ -12,7 +12,7 @@ def test_benchmark_compares_models_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable,
-        os.path.join(REPO, "tools", "benchmark.py"),
+        os.path.join(REPO, "tools", "benchmark_model.py"),
         "--modules",
         "none",
         "ACM",

@@ -2,12 +2,15 @@
 correctness checks pass (and can fail), and a failing section is recorded without stopping the run."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from acm_d2 import selftest
-from acm_d2.benchmark.model import is_acm_kernel
+from acm_d2.selftest.correctness import compare
+from conftest import REPO
 
 
 def read(path):
@@ -57,7 +60,32 @@ def test_cpu_training_sections(tmp_path):
     assert all(r["finite"] and r["final_losses"]["total_loss"] > 0 for r in runs.values())
     assert "ACM fp16" in sections["amp_training"]["skipped_without_cuda"]
     models = sections["model"]["per_dtype"]["fp32"]["models"]
-    assert [m["model"] for m in models] == ["none", "ACM (reference)", "ACM (fused)"]
+    assert [m["model"] for m in models] == [
+        "none",
+        "ACM (reference)",
+        "ACM (fused)",
+        "ACM (fused, recompute)",
+    ]
+    assert all(m["train_step_ms_min_max"][0] <= m["train_step_ms"] for m in models)
+
+
+def test_cpu_breakdown_section(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert selftest.main(["--sections", "breakdown", "--json", str(out)]) == 0
+    breakdown = read(out)["sections"]["breakdown"]
+    assert sorted(breakdown["runs"]) == ["fp32 ACM fused", "fp32 none"]
+    acm_step = breakdown["runs"]["fp32 ACM fused"]["train_step"]
+    # The CPU version's R-18 has an ACM in each of its 8 blocks: every call is found, and its backward.
+    assert acm_step["acm"]["calls"] == 8 and acm_step["wall_ms"] > 0
+    for phase in ("forward", "backward"):
+        p = acm_step["acm"][phase]
+        assert p["host_us_per_call"] > 0 and p["aten_ops_per_call"] > 0
+        assert sum(p["self_us_per_call"].values()) == pytest.approx(p["host_us_per_call"], rel=0.1)
+        assert acm_step["acm_python_stacks"][phase]["self_us_per_call"]
+    assert "backward" not in breakdown["runs"]["fp32 ACM fused"]["inference"]["acm"]
+    assert "acm" not in breakdown["runs"]["fp32 none"]["train_step"]
+    assert "memory" in breakdown["skipped"] and breakdown["memory"] == {}
+    assert "breakdown     wall ms" in capsys.readouterr().out
 
 
 def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -88,23 +116,29 @@ def test_correctness_comparison_fails_on_a_wrong_result():
         "dx": torch.randn(2, 8, 3, 3),
         "w": torch.randn(4),
     }
-    assert selftest._compare(dict(want), want, torch.float32)["passed"]
+    assert compare(dict(want), want, torch.float32)["passed"]
     wrong = dict(want, dx=want["dx"] * (1 + 1e-3))
-    result = selftest._compare(wrong, want, torch.float32)
+    result = compare(wrong, want, torch.float32)
     assert not result["passed"] and result["failed"] == ["dx"]
-    assert selftest._compare(dict(want, d=None), want, torch.float32)["failed"] == ["d"]
+    assert compare(dict(want, d=None), want, torch.float32)["failed"] == ["d"]
 
 
-def test_unknown_section_is_refused():
-    with pytest.raises(SystemExit):
-        selftest.parse_args(["--sections", "env,speed"])
+@pytest.mark.parametrize("sections", ["env,speed", "", " , "])
+def test_unknown_or_no_section_is_refused_naming_the_valid_ones(sections, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        selftest.parse_args(["--sections", sections])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--sections" in err and ",".join(selftest.SECTIONS) in err
 
 
-def test_acm_kernel_matcher():
-    assert (
-        is_acm_kernel("_fwd_reduce_kernel")
-        and is_acm_kernel("_bwd_dx_kernel")
-        and is_acm_kernel("acm_fused_fwd")
+def test_python_m_entry_point_runs_the_runner(tmp_path):
+    """`python -m acm_d2.selftest` (the package's __main__) reaches the runner's argument parser."""
+    result = subprocess.run(
+        [sys.executable, "-m", "acm_d2.selftest", "--sections", "", "--json", ""],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
-    assert not is_acm_kernel("void at::native::vectorized_elementwise_kernel<4>")
-    assert not is_acm_kernel("sm90_xmma_wgrad_implicit_gemm")
+    assert result.returncode == 2 and "choose one or more of env," in result.stderr

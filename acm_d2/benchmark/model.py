@@ -1,11 +1,11 @@
 """Side-by-side speed and memory of Detectron2 models with different context modules.
 
     # the context modules on one backbone (the first one listed is the baseline of the ratios)
-    python tools/benchmark.py --modules none ACM SE GC NL CC
+    python tools/benchmark_model.py --modules none ACM SE GC NL CC
     # the plain (reference) ACM against the fused one
-    python tools/benchmark.py --modules none ACM --acm-impls reference fused
+    python tools/benchmark_model.py --modules none ACM --acm-impls reference fused
     # or whole configs
-    python tools/benchmark.py --configs configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
+    python tools/benchmark_model.py --configs configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
         configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml --dtype bf16 --json bench.json
 
 Every model gets the same synthetic batches (random images, random boxes with box-shaped masks) and
@@ -15,7 +15,8 @@ them alike; the table gives medians and each one's ratio to the first model. Tra
 backward and SGD step. Peak memory is the CUDA allocator's peak for one training step (CPU: not
 measured). Absolute times mean something only on a GPU; on the CPU read the ratios.
 
-`profile_train_step` gives the kernel-time breakdown of one training step (CUDA).
+Where a step's time and memory go (host time per ACM call, GPU time per kernel, the tensors at the
+memory peak): the self-test's breakdown section, `python -m acm_d2.selftest --sections breakdown`.
 """
 
 import argparse
@@ -58,6 +59,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="the config --modules varies")
     parser.add_argument(
+        "--recompute",
+        nargs="*",
+        metavar="IMPL",
+        help="with --modules: these ACM impls (none named: all) also with MODEL.CONTEXT_RECOMPUTE True",
+    )
+    parser.add_argument(
         "--acm-impls",
         nargs="+",
         default=["auto"],
@@ -97,13 +104,16 @@ def model_specs(args):
     for module in args.modules or ["none", "ACM"]:
         if module == "ACM":
             for impl in args.acm_impls:
-                specs.append(
-                    (
-                        f"ACM ({impl})",
-                        args.config,
-                        ["MODEL.CONTEXT_MODULE", module, "MODEL.ACM.IMPL", impl],
+                opts = ["MODEL.CONTEXT_MODULE", module, "MODEL.ACM.IMPL", impl]
+                specs.append((f"ACM ({impl})", args.config, opts))
+                if args.recompute is not None and impl in (args.recompute or args.acm_impls):
+                    specs.append(
+                        (
+                            f"ACM ({impl}, recompute)",
+                            args.config,
+                            [*opts, "MODEL.CONTEXT_RECOMPUTE", True],
+                        )
                     )
-                )
         else:
             specs.append((module, args.config, ["MODEL.CONTEXT_MODULE", module]))
     return specs
@@ -241,58 +251,17 @@ def run(args):
                 "model": label,
                 "train_step_ms": step,
                 "train_step_ratio": step / statistics.median(step_times[base_label]),
+                "train_step_ms_min_max": [min(step_times[label]), max(step_times[label])],
                 "train_step_ms_all": step_times[label],
                 "peak_memory_gib": peak.get(label),
                 "peak_memory_ratio": peak[label] / peak[base_label] if label in peak else None,
                 "inference_ms_per_image": infer,
                 "inference_ratio": infer / statistics.median(infer_times[base_label]),
+                "inference_ms_min_max": [min(infer_times[label]), max(infer_times[label])],
                 "parameters": sum(p.numel() for p in models[label][0].parameters()),
             }
         )
     return results
-
-
-def is_acm_kernel(name: str) -> bool:
-    """Whether a GPU kernel (by its profiler name) belongs to the fused ACM: its Triton kernels are named
-    after what they do (_fwd_reduce_kernel, _bwd_dx_kernel, ...) and no PyTorch/cuDNN kernel starts with
-    "_fwd_" or "_bwd_"; any kernel naming ACM counts too."""
-    return "acm" in name.lower() or name.startswith(("_fwd_", "_bwd_"))
-
-
-def profile_train_step(model, optimizer, batch, dtype=None, scaler=None, top: int = 10) -> dict:
-    """GPU kernel time of one training step (after one unprofiled step): the total, the part in ACM's
-    kernels (is_acm_kernel) and the `top` kernels by time. Milliseconds summed over kernels, so
-    kernels on concurrent streams count fully."""
-    from torch.profiler import ProfilerActivity, profile
-
-    scaler = scaler or torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    model.train()
-    with EventStorage():
-        train_step(model, optimizer, batch, dtype, scaler)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            train_step(model, optimizer, batch, dtype, scaler)
-            torch.cuda.synchronize()
-    per_kernel = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(
-            ("Memcpy", "Memset")
-        ):
-            calls, us = per_kernel.get(e.name, (0, 0.0))
-            per_kernel[e.name] = (calls + 1, us + e.time_range.elapsed_us())
-    total_ms = sum(us for _, us in per_kernel.values()) / 1e3
-    acm_ms = sum(us for name, (_, us) in per_kernel.items() if is_acm_kernel(name)) / 1e3
-    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
-    return {
-        "kernel_ms": total_ms,
-        "acm_kernel_ms": acm_ms,
-        "acm_kernel_share": acm_ms / total_ms if total_ms else None,
-        "acm_kernels": sorted(name for name in per_kernel if is_acm_kernel(name)),
-        "kernel_launches": sum(calls for calls, _ in per_kernel.values()),
-        "top_kernels": [
-            {"name": name, "calls": calls, "ms": us / 1e3} for name, (calls, us) in ranked
-        ],
-    }
 
 
 def environment(args):
@@ -322,7 +291,7 @@ def print_table(env, results):
         f"device: {env['device']} ({env['device_type']}), dtype {env['dtype']}, "
         f"{env['images_per_batch']} images of {env['image_size'][0]}x{env['image_size'][1]}, torch {env['torch']}"
     )
-    header = f"{'model':<28}{'step ms':>10}{'x base':>8}{'peak GiB':>10}{'x base':>8}{'infer ms':>10}{'x base':>8}{'params M':>10}"
+    header = f"{'model':<28}{'step ms':>10}{'min-max':>16}{'x base':>8}{'peak GiB':>10}{'x base':>8}{'infer ms':>10}{'x base':>8}{'params M':>10}"
     print(header)
     for r in results:
         mem = (
@@ -331,7 +300,8 @@ def print_table(env, results):
             else f"{'-':>10}{'-':>8}"
         )
         print(
-            f"{r['model']:<28}{r['train_step_ms']:>10.1f}{r['train_step_ratio']:>8.2f}{mem}"
+            f"{r['model']:<28}{r['train_step_ms']:>10.1f}"
+            f"{'%.1f-%.1f' % tuple(r['train_step_ms_min_max']):>16}{r['train_step_ratio']:>8.2f}{mem}"
             f"{r['inference_ms_per_image']:>10.1f}{r['inference_ratio']:>8.2f}{r['parameters'] / 1e6:>10.2f}"
         )
 

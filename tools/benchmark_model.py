@@ -3,11 +3,11 @@
 acm_d2/benchmark/model.py; its docstring says how the models are timed).
 
     # the context modules on one backbone (the first one listed is the baseline of the ratios)
-    python tools/benchmark.py --modules none ACM SE GC NL CC
+    python tools/benchmark_model.py --modules none ACM SE GC NL CC
     # the plain (reference) ACM against the fused one
-    python tools/benchmark.py --modules none ACM --acm-impls reference fused
+    python tools/benchmark_model.py --modules none ACM --acm-impls reference fused
     # or whole configs
-    python tools/benchmark.py --configs configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
+    python tools/benchmark_model.py --configs configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
         configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml --dtype bf16 --json bench.json
 """
 
