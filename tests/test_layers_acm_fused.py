@@ -382,3 +382,58 @@ def test_backward_scratch_is_small_at_the_c4_roi_head_shape():
     scratch = aot.backward_scratch_bytes(shape, 32)
     x_bytes = torch.empty(shape, device="meta").nbytes
     assert 0 < scratch < x_bytes / 4, (scratch, x_bytes)
+
+
+@pytest.mark.parametrize(
+    "variant, dtype",
+    [
+        ("full", torch.float32),
+        ("full", torch.bfloat16),
+        ("no_p", torch.float32),
+        ("no_q", torch.float32),
+    ],
+)
+def test_triton_path_launches_at_most_3_forward_and_8_in_all(variant, dtype):
+    """Counted without a GPU: the Triton launches recorded on meta tensors plus every torch op that
+    would launch a kernel (views and allocations do not), for one training call of the op."""
+    host = pytest.importorskip("acm_d2.benchmark.host")
+    call = host.acm_call((2, 256, 20, 30), 32, variant, dtype)
+    counts = host.count_launches(call)
+    fwd, bwd = counts["forward"], counts["backward"]
+    assert len(fwd) <= 3 and len(fwd) + len(bwd) <= 8, counts
+    # The counter sees torch ops: the torch backend's batched matmuls and small ops are dozens.
+    torch_counts = host.count_launches(host.acm_call((2, 256, 20, 30), 32, variant, dtype, "torch"))
+    print(
+        f"{variant} {dtype}: torch backend {len(torch_counts['forward'])} + {len(torch_counts['backward'])} ops"
+    )
+    assert len(torch_counts["forward"]) + len(torch_counts["backward"]) > 20
+
+
+def test_triton_out_of_memory_is_raised_not_a_fallback(monkeypatch, caplog):
+    """A CUDA OOM inside Triton's launcher (a RuntimeError, not torch's) propagates as
+    torch.OutOfMemoryError under "auto" and leaves the device on Triton."""
+    triton_backend = pytest.importorskip("acm_d2.layers.acm_fused.triton_backend")
+    from acm_d2.layers.acm_fused import op, triton_failures
+
+    message = "Triton Error [CUDA]: out of memory"
+
+    class FailingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise RuntimeError(message)
+
+            return launch
+
+    monkeypatch.setattr(triton_backend, "_fwd_reduce_kernel", FailingKernel())
+    monkeypatch.setattr(op, "_triton_device", lambda x: True)  # "auto" picks Triton for this CPU x
+    x = torch.randn(1, 8, 3, 3)
+    args = (torch.ones(2, 4, 1, 1), torch.zeros(2), None, None, None, 2, False)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory") as info:
+        acm_fused(x, *args, backend="auto")
+    assert message in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    assert not triton_failures() and "failed" not in caplog.text
+    # Any other launcher error is a broken Triton: one warning, the torch backend from then on.
+    monkeypatch.setattr(FailingKernel, "__getitem__", lambda self, grid: None)
+    monkeypatch.setattr(op, "_TRITON_FAILURES", {})
+    y, _ = acm_fused(x, *args, backend="auto")
+    assert y.shape == x.shape and list(triton_failures()) == ["cpu"]

@@ -1,0 +1,288 @@
+"""Host (Python and dispatch) time of one fused-ACM call, measured without a GPU.
+
+The fused ACM's Triton path runs with its launches recorded instead of run, as the ahead-of-time
+check records them (acm_d2/layers/acm_fused/aot.py), sized for an H100 (132 SMs). What is left is the
+host work a GPU step pays per ACM call: the autograd Function, the launch parameters, the allocations,
+the launch calls and any small torch op. The same figure for a 1x1 Conv2d + BatchNorm2d of the same
+batch and channels (the block's last conv and norm, just before ACM) runs side by side, and the torch
+backend's. Not included: Triton's own launcher (~5 us per launch of a cached kernel on a GPU, more
+through the JIT wrapper), the CUDA driver, and entering the CUDA device guard.
+
+The tensors are CPU tensors with a 1 x 1 map by default (--hw): CPU ops and allocations of that size
+are C++ dispatch plus a few microseconds of compute, like a CUDA op's host side. On `meta` tensors
+(--device meta, the full map) several ops (empty_like, batch_norm, convolution) run Python meta
+kernels that a CUDA call never runs, which overstates everything but the Triton path's own code.
+
+Also counts, per call, the Triton launches and the torch ops that would launch a kernel on a GPU
+(views, allocations and metadata do not), and prints where the host time goes (cProfile).
+
+    python -m acm_d2.benchmark.host --shape res2 --groups 32 --json host.json
+"""
+
+import argparse
+import contextlib
+import cProfile
+import json
+import os
+import platform
+import pstats
+import statistics
+import time
+from typing import Callable, Dict, List, NamedTuple
+from unittest import mock
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from acm_d2.layers.acm_fused import acm_fused, aot
+
+__all__ = ["Call", "acm_call", "conv_bn_call", "count_launches", "host_time_us", "breakdown"]
+
+H100_SMS = aot.TARGETS[90]
+
+# Operators that allocate without writing or only make metadata: no kernel on a GPU.
+_NO_KERNEL = {
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+}
+
+
+class Call(NamedTuple):
+    """One layer call: forward() returns its outputs, backward(outputs) takes the gradients."""
+
+    forward: Callable[[], tuple]
+    backward: Callable[[tuple], None]
+
+
+def acm_call(
+    shape,
+    groups: int = 32,
+    variant: str = "full",
+    dtype=torch.float32,
+    backend: str = "triton",
+    device: str = "meta",
+) -> Call:
+    """A training call of the fused ACM (orthogonality term in the loss where the variant has it);
+    on the Triton backend run it inside `recording(...)`, which records the launches."""
+    x, kw, qw, p_params = (
+        t if t is None or not isinstance(t, torch.Tensor) else _on(t, device)
+        for t in aot.meta_inputs(shape, groups, variant, dtype)
+    )
+    p_params = None if p_params is None else tuple(_on(t, device) for t in p_params)
+    kb = torch.zeros(groups, device=device)
+    qb = None if qw is None else torch.zeros_like(kb)
+    leaves = [t for t in (x, kw, kb, qw, qb, *(p_params or ())) if t is not None]
+    for t in leaves:
+        t.requires_grad_()
+    need_orth = qw is not None
+    grads = (torch.ones_like(x), torch.ones(shape[0], device=device))
+
+    def forward():
+        return acm_fused(x, kw, kb, qw, qb, p_params, groups, need_orth, backend=backend)
+
+    def backward(out):
+        y, d = out
+        outputs, grad_outputs = ((y, d), grads) if need_orth else ((y,), grads[:1])
+        torch.autograd.grad(outputs, leaves, grad_outputs)
+
+    return Call(forward, backward)
+
+
+def conv_bn_call(shape, dtype=torch.float32, device: str = "meta") -> Call:
+    """A training call of a bias-free 1x1 Conv2d (C -> C) + BatchNorm2d."""
+    C = shape[1]
+    conv = nn.Conv2d(C, C, 1, bias=False, device=device, dtype=dtype)
+    bn = nn.BatchNorm2d(C, device=device, dtype=dtype)
+    x = torch.ones(shape, device=device, dtype=dtype, requires_grad=True)
+    leaves = [x, conv.weight, bn.weight, bn.bias]
+    grad = torch.ones(shape, device=device, dtype=dtype)
+    return Call(lambda: (bn(conv(x)),), lambda out: torch.autograd.grad(out, leaves, (grad,)))
+
+
+def _on(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A tensor like the meta tensor t on device (ones: values do not change the host work)."""
+    return t if device == "meta" else torch.ones(t.shape, dtype=t.dtype, device=device)
+
+
+@contextlib.contextmanager
+def recording(launch=None, num_sms: int = H100_SMS):
+    """Triton launches go to launch(kernel, grid, *args, **meta) (default: dropped) instead of
+    running. On CPU tensors acm_fused's backend="triton" asks for TRITON_INTERPRET=1, a guard for
+    real launches; nothing is launched here, so the guard is satisfied for the duration."""
+    with (
+        aot.recorded_launches(launch or _no_launch, num_sms),
+        mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}),
+    ):
+        yield
+
+
+class _KernelOps(TorchDispatchMode):
+    """The torch ops dispatched while active that would launch a kernel on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in _NO_KERNEL and not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches(call: Call, num_sms: int = H100_SMS) -> Dict[str, List[str]]:
+    """What one forward and one backward launch: Triton kernels by name, torch ops by operator."""
+    counts, launches = {}, []
+    with recording(lambda kernel, grid, *a, **m: launches.append(kernel.fn.__name__), num_sms):
+        out = None
+        for phase in ("forward", "backward"):
+            launches.clear()
+            with _KernelOps() as ops:
+                out = call.forward() if phase == "forward" else call.backward(out)
+            counts[phase] = launches + ops.ops
+    return counts
+
+
+def host_time_us(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -> List[float]:
+    """Microseconds per fn() in each of `repeats` runs of `calls` calls, after a warm-up run."""
+    for _ in range(calls):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    return runs
+
+
+def _train_step(call: Call) -> Callable[[], None]:
+    return lambda: call.backward(call.forward())
+
+
+def _no_launch(kernel, grid, *args, **meta):
+    pass
+
+
+# cProfile's own-time of each function, summed per category of host work.
+_CATEGORIES = (
+    ("launch (recorded, not run)", lambda f, n: n in ("_no_launch", "_launch")),
+    (
+        "launch parameters",
+        lambda f, n: (
+            f.endswith("triton_backend.py")
+            and n in ("stream_config", "stats_config", "_num_sms", "_x_strides", "_next_power_of_2")
+        ),
+    ),
+    (
+        "allocations",
+        lambda f, n: f == "~" and any(k in n for k in ("empty", "zeros", "full")),
+    ),
+    ("torch ops", lambda f, n: f == "~" and ("torch" in n or "Tensor" in n)),
+    ("acm_d2 Python (op.py, backends)", lambda f, n: "acm_fused" in f),
+    ("autograd / torch Python", lambda f, n: True),
+)
+
+
+def breakdown(fn: Callable[[], None], calls: int = 200) -> Dict[str, float]:
+    """Share (0..1) of fn's host time per category, from cProfile's own-time of each function."""
+    profile = cProfile.Profile()
+    fn()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    shares = {name: 0.0 for name, _ in _CATEGORIES}
+    for (filename, _, name), (_, _, own, _, _) in pstats.Stats(profile).stats.items():
+        category = next(c for c, match in _CATEGORIES if match(filename, name))
+        shares[category] += own
+    total = sum(shares.values())
+    return {k: v / total for k, v in shares.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="res2", choices=list(aot.SHAPES))
+    parser.add_argument("--groups", type=int, default=32)
+    parser.add_argument("--variant", default="full", choices=["full", "no_p", "no_q"])
+    parser.add_argument("--dtype", default="float32", choices=list(aot.DTYPES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "meta"])
+    parser.add_argument(
+        "--hw", nargs=2, type=int, default=[1, 1], help="map size on the CPU (meta: the shape's)"
+    )
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(True)
+    shape, dtype, device = aot.SHAPES[args.shape], aot.DTYPES[args.dtype], args.device
+    if device != "meta":
+        shape = (*shape[:2], *args.hw)
+    rows = {
+        "acm_fused_triton": acm_call(shape, args.groups, args.variant, dtype, device=device),
+        "acm_fused_torch": acm_call(shape, args.groups, args.variant, dtype, "torch", device),
+        "conv1x1_bn": conv_bn_call(shape, dtype, device),
+    }
+    result = dict(
+        shape=list(shape),
+        device=device,
+        groups=args.groups,
+        variant=args.variant,
+        dtype=args.dtype,
+        torch=torch.__version__,
+        machine=f"{platform.machine()} {platform.processor() or platform.node()}",
+        python=platform.python_version(),
+        rows={},
+    )
+    print(
+        f"host time per call, {args.shape} channels on {tuple(shape)} {device} tensors, "
+        f"G={args.groups} {args.variant} {args.dtype}"
+    )
+    print("Triton launches recorded, not run; median (min-max) of the timed runs, us\n")
+    print(f"{'call':<18} {'fwd':>20} {'fwd+bwd':>20} {'launches fwd/bwd':>17}")
+    with recording():
+        for name, call in rows.items():
+            fwd = host_time_us(call.forward, args.calls, args.repeats)
+            step = host_time_us(_train_step(call), args.calls, args.repeats)
+            counts = count_launches(call)
+            result["rows"][name] = dict(
+                forward_us=statistics.median(fwd),
+                forward_us_range=[min(fwd), max(fwd)],
+                train_us=statistics.median(step),
+                train_us_range=[min(step), max(step)],
+                launches_forward=counts["forward"],
+                launches_backward=counts["backward"],
+            )
+            print(
+                f"{name:<18} {_fmt(fwd):>20} {_fmt(step):>20} "
+                f"{len(counts['forward']):>8}/{len(counts['backward']):<8}"
+            )
+        ratio = (
+            result["rows"]["acm_fused_triton"]["train_us"]
+            / result["rows"]["conv1x1_bn"]["train_us"]
+        )
+        result["ratio_triton_to_conv_bn_train"] = ratio
+        print(f"\nACM (Triton path) / Conv2d+BatchNorm2d, fwd+bwd host time: {ratio:.2f}x")
+        shares = breakdown(_train_step(rows["acm_fused_triton"]), args.calls)
+    per_call = result["rows"]["acm_fused_triton"]["train_us"]
+    result["breakdown_triton_train"] = {k: v * per_call for k, v in shares.items()}
+    print("\nwhere the ACM fwd+bwd host time goes (cProfile own-time shares x the median above):")
+    for k, v in shares.items():
+        print(f"  {k:<34} {v * per_call:7.1f} us  {100 * v:5.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+def _fmt(runs: List[float]) -> str:
+    return f"{statistics.median(runs):.1f} ({min(runs):.0f}-{max(runs):.0f})"
+
+
+if __name__ == "__main__":
+    main()
