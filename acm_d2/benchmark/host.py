@@ -5,8 +5,9 @@ check records them (acm_d2/layers/acm_fused/aot.py), sized for an H100 (132 SMs)
 host work a GPU step pays per ACM call: the autograd Function, the launch parameters, the allocations,
 the launch calls and any small torch op. The same figure for a 1x1 Conv2d + BatchNorm2d of the same
 batch and channels (the block's last conv and norm, just before ACM) runs side by side, and the torch
-backend's. Not included: Triton's own launcher (~5 us per launch of a cached kernel on a GPU, more
-through the JIT wrapper), the CUDA driver, and entering the CUDA device guard.
+backend's. Not included: Triton's launcher, timed apart: its Python argument binder and specialiser
+(Triton's own, for sm_90) runs on the recorded launches; its cache lookup and the CUDA driver's launch
+(~5 us per launch of a cached kernel, public figures) are not, nor entering the CUDA device guard.
 
 The tensors are CPU tensors with a 1 x 1 map by default (--hw): CPU ops and allocations of that size
 are C++ dispatch plus a few microseconds of compute, like a CUDA op's host side. On `meta` tensors
@@ -37,7 +38,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from acm_d2.layers.acm_fused import acm_fused, aot
 
-__all__ = ["Call", "acm_call", "conv_bn_call", "count_launches", "host_time_us", "breakdown"]
+__all__ = [
+    "Call",
+    "acm_call",
+    "conv_bn_call",
+    "count_launches",
+    "host_time_us",
+    "binder_time_us",
+    "breakdown",
+]
 
 H100_SMS = aot.TARGETS[90]
 
@@ -159,6 +168,24 @@ def host_time_us(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -
     return runs
 
 
+def binder_time_us(call: Call, calls: int = 200, repeats: int = 5, arch: int = 90) -> List[float]:
+    """Microseconds per forward + backward spent in Triton's argument binder (the Python part of
+    its JIT launcher, run on every launch), over the launches of one call, per timed run."""
+    launches = []
+    with recording(lambda kernel, grid, *a, **m: launches.append((kernel, a, m))):
+        call.backward(call.forward())
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", arch, 32)
+    bound = [(aot.binder(kernel, target)[1], a, m) for kernel, a, m in launches]
+
+    def bind_all():
+        for bind, a, m in bound:
+            bind(*a, **m)
+
+    return host_time_us(bind_all, calls, repeats)
+
+
 def _train_step(call: Call) -> Callable[[], None]:
     return lambda: call.backward(call.forward())
 
@@ -167,7 +194,7 @@ def _no_launch(kernel, grid, *args, **meta):
     pass
 
 
-# cProfile's own-time of each function, summed per category of host work.
+# cProfile's own-time of each function, summed per category of host work (first match wins).
 _CATEGORIES = (
     ("launch (recorded, not run)", lambda f, n: n in ("_no_launch", "_launch")),
     (
@@ -181,9 +208,13 @@ _CATEGORIES = (
         "allocations",
         lambda f, n: f == "~" and any(k in n for k in ("empty", "zeros", "full")),
     ),
-    ("torch ops", lambda f, n: f == "~" and ("torch" in n or "Tensor" in n)),
+    (
+        "autograd engine and Function",
+        lambda f, n: "torch/autograd" in f or (f == "~" and ("_EngineBase" in n or "apply" in n)),
+    ),
+    ("torch ops (views, metadata)", lambda f, n: f == "~" and ("torch" in n or "Tensor" in n)),
     ("acm_d2 Python (op.py, backends)", lambda f, n: "acm_fused" in f),
-    ("autograd / torch Python", lambda f, n: True),
+    ("other Python (torch utilities, autograd.grad checks)", lambda f, n: True),
 )
 
 
@@ -268,6 +299,14 @@ def main(argv=None):
         )
         result["ratio_triton_to_conv_bn_train"] = ratio
         print(f"\nACM (Triton path) / Conv2d+BatchNorm2d, fwd+bwd host time: {ratio:.2f}x")
+        bind = binder_time_us(rows["acm_fused_triton"], args.calls, args.repeats)
+        result["triton_binder_train_us"] = statistics.median(bind)
+        triton = result["rows"]["acm_fused_triton"]
+        n = len(triton["launches_forward"]) + len(triton["launches_backward"])
+        print(
+            f"not in the figures above: Triton's argument binder (sm_90) on the {n} launches of the "
+            f"Triton path, {_fmt(bind)} us per fwd+bwd"
+        )
         shares = breakdown(_train_step(rows["acm_fused_triton"]), args.calls)
     per_call = result["rows"]["acm_fused_triton"]["train_us"]
     result["breakdown_triton_train"] = {k: v * per_call for k, v in shares.items()}

@@ -188,7 +188,9 @@ def backward_scratch_bytes(
     return alloc.bytes - torch.empty(shape, dtype=dtype, device="meta").nbytes
 
 
-def _binder(kernel, target):
+def binder(kernel, target):
+    """(backend, bind) for kernel on target: bind(*args, **meta) is the argument binder and specialiser
+    Triton's JIT launcher runs on every launch (the Python part of a launch)."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -202,8 +204,8 @@ def specialise(launch: Launch, arch: int):
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
-    backend, binder = _binder(launch.kernel, target)
-    bound_args, specialization, options = binder(*launch.args, **launch.meta)
+    backend, bind = binder(launch.kernel, target)
+    bound_args, specialization, options = bind(*launch.args, **launch.meta)
     options, signature, constexprs, attrs = launch.kernel._pack_args(
         backend, launch.meta, bound_args, specialization, options
     )

@@ -181,23 +181,18 @@ class _FusedACM(torch.autograd.Function):
             ctx.backend,
         )
         # Views of the flat vector, in grad_layout's order; the autograd engine casts a gradient to
-        # its parameter's dtype where they differ.
+        # its parameter's dtype where they differ. A bias passed as None gets None.
         J = 1 if q_weight is None else 2
         hidden = 0 if p1w is None else p1w.shape[0]
         parts = flat.split(grad_layout(x.shape[1], ctx.num_groups, J, hidden)[0])
-        grads = [parts[0].view(k_weight.shape), parts[1], None, None, None, None, None, None]
-        if q_weight is not None:
-            grads[2:4] = parts[2].view(q_weight.shape), parts[3]
-        if p1w is not None:
-            grads[4:] = (g.view(t.shape) for g, t in zip(parts[2 * J :], (p1w, p1b, p2w, p2b)))
         needs = ctx.needs_input_grad
-        return (
-            gx if needs[0] else None,
-            *(g if need else None for g, need in zip(grads, needs[1:9])),
-            None,
-            None,
-            None,
-        )
+        grads = [parts[0].view(k_weight.shape), parts[1] if needs[2] else None] + [None] * 6
+        if q_weight is not None:
+            grads[2:4] = parts[2].view(q_weight.shape), parts[3] if needs[4] else None
+        if p1w is not None:
+            w1, b1, w2, b2 = parts[2 * J :]
+            grads[4:] = w1.view(p1w.shape), b1, w2.view(p2w.shape), b2
+        return (gx, *grads, None, None, None)
 
 
 def _forward(*args):
