@@ -61,10 +61,12 @@ _NO_KERNEL = {
 
 
 class Call(NamedTuple):
-    """One layer call: forward() returns its outputs, backward(outputs) takes the gradients."""
+    """One layer call: forward() returns its outputs, backward(outputs) takes the gradients;
+    infer() is the inference forward (eval mode, no autograd)."""
 
     forward: Callable[[], tuple]
     backward: Callable[[tuple], None]
+    infer: Callable[[], object]
 
 
 def acm_call(
@@ -93,12 +95,16 @@ def acm_call(
     def forward():
         return acm_fused(x, kw, kb, qw, qb, p_params, groups, need_orth, backend=backend)
 
+    @torch.no_grad()
+    def infer():
+        return acm_fused(x, kw, kb, qw, qb, p_params, groups, False, backend=backend)
+
     def backward(out):
         y, d = out
         outputs, grad_outputs = ((y, d), grads) if need_orth else ((y,), grads[:1])
         torch.autograd.grad(outputs, leaves, grad_outputs)
 
-    return Call(forward, backward)
+    return Call(forward, backward, infer)
 
 
 def conv_bn_call(shape, dtype=torch.float32, device: str = "meta") -> Call:
@@ -109,7 +115,12 @@ def conv_bn_call(shape, dtype=torch.float32, device: str = "meta") -> Call:
     x = torch.ones(shape, device=device, dtype=dtype, requires_grad=True)
     leaves = [x, conv.weight, bn.weight, bn.bias]
     grad = torch.ones(shape, device=device, dtype=dtype)
-    return Call(lambda: (bn(conv(x)),), lambda out: torch.autograd.grad(out, leaves, (grad,)))
+    frozen = nn.Sequential(conv, nn.BatchNorm2d(C, device=device, dtype=dtype)).eval()
+    return Call(
+        lambda: (bn(conv(x)),),
+        lambda out: torch.autograd.grad(out, leaves, (grad,)),
+        torch.no_grad()(lambda: frozen(x)),
+    )
 
 
 def _on(t: torch.Tensor, device: str) -> torch.Tensor:
@@ -155,7 +166,7 @@ def count_launches(call: Call, num_sms: int = H100_SMS) -> Dict[str, List[str]]:
     return counts
 
 
-def host_time_us(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -> List[float]:
+def host_time_us(fn: Callable[[], object], calls: int = 100, repeats: int = 15) -> List[float]:
     """Microseconds per fn() in each of `repeats` runs of `calls` calls, after a warm-up run."""
     for _ in range(calls):
         fn()
@@ -168,7 +179,7 @@ def host_time_us(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -
     return runs
 
 
-def binder_time_us(call: Call, calls: int = 200, repeats: int = 5, arch: int = 90) -> List[float]:
+def binder_time_us(call: Call, calls: int = 100, repeats: int = 15, arch: int = 90) -> List[float]:
     """Microseconds per forward + backward spent in Triton's argument binder (the Python part of
     its JIT launcher, run on every launch), over the launches of one call, per timed run."""
     launches = []
@@ -218,7 +229,7 @@ _CATEGORIES = (
 )
 
 
-def breakdown(fn: Callable[[], None], calls: int = 200) -> Dict[str, float]:
+def breakdown(fn: Callable[[], None], calls: int = 100) -> Dict[str, float]:
     """Share (0..1) of fn's host time per category, from cProfile's own-time of each function."""
     profile = cProfile.Profile()
     fn()
@@ -246,8 +257,8 @@ def main(argv=None):
     parser.add_argument(
         "--hw", nargs=2, type=int, default=[1, 1], help="map size on the CPU (meta: the shape's)"
     )
-    parser.add_argument("--calls", type=int, default=200, help="calls per timed run")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
+    parser.add_argument("--calls", type=int, default=100, help="calls per timed run")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs (the fastest reported)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(True)
@@ -272,47 +283,54 @@ def main(argv=None):
     )
     print(
         f"host time per call, {args.shape} channels on {tuple(shape)} {device} tensors, "
-        f"G={args.groups} {args.variant} {args.dtype}"
+        f"G={args.groups} {args.variant} {args.dtype}; Triton launches recorded, not run"
     )
-    print("Triton launches recorded, not run; median (min-max) of the timed runs, us\n")
-    print(f"{'call':<18} {'fwd':>20} {'fwd+bwd':>20} {'launches fwd/bwd':>17}")
+    print(f"us per call: fastest of {args.repeats} runs of {args.calls} calls (median)\n")
+    print(
+        f"{'call':<18} {'inference':>16} {'train fwd':>16} {'train fwd+bwd':>16}  launches fwd/bwd"
+    )
     with recording():
         for name, call in rows.items():
-            fwd = host_time_us(call.forward, args.calls, args.repeats)
-            step = host_time_us(_train_step(call), args.calls, args.repeats)
+            runs = {
+                phase: host_time_us(fn, args.calls, args.repeats)
+                for phase, fn in (
+                    ("inference", call.infer),
+                    ("forward", call.forward),
+                    ("train", _train_step(call)),
+                )
+            }
             counts = count_launches(call)
-            result["rows"][name] = dict(
-                forward_us=statistics.median(fwd),
-                forward_us_range=[min(fwd), max(fwd)],
-                train_us=statistics.median(step),
-                train_us_range=[min(step), max(step)],
-                launches_forward=counts["forward"],
-                launches_backward=counts["backward"],
+            row = result["rows"][name] = dict(
+                launches_forward=counts["forward"], launches_backward=counts["backward"]
+            )
+            for phase, times in runs.items():
+                row[f"{phase}_us"] = min(times)
+                row[f"{phase}_us_median"] = statistics.median(times)
+            print(
+                f"{name:<18} "
+                + " ".join(f"{_fmt(runs[p]):>16}" for p in ("inference", "forward", "train"))
+                + f"  {len(counts['forward']):>8}/{len(counts['backward'])}"
+            )
+        triton, conv_bn = result["rows"]["acm_fused_triton"], result["rows"]["conv1x1_bn"]
+        for phase in ("inference", "train"):
+            ratio = result[f"ratio_triton_to_conv_bn_{phase}"] = (
+                triton[f"{phase}_us"] / conv_bn[f"{phase}_us"]
             )
             print(
-                f"{name:<18} {_fmt(fwd):>20} {_fmt(step):>20} "
-                f"{len(counts['forward']):>8}/{len(counts['backward']):<8}"
+                f"\nACM (Triton path) / Conv2d+BatchNorm2d, {phase} host time: {ratio:.2f}x", end=""
             )
-        ratio = (
-            result["rows"]["acm_fused_triton"]["train_us"]
-            / result["rows"]["conv1x1_bn"]["train_us"]
-        )
-        result["ratio_triton_to_conv_bn_train"] = ratio
-        print(f"\nACM (Triton path) / Conv2d+BatchNorm2d, fwd+bwd host time: {ratio:.2f}x")
         bind = binder_time_us(rows["acm_fused_triton"], args.calls, args.repeats)
-        result["triton_binder_train_us"] = statistics.median(bind)
-        triton = result["rows"]["acm_fused_triton"]
+        result["triton_binder_train_us"] = min(bind)
         n = len(triton["launches_forward"]) + len(triton["launches_backward"])
         print(
-            f"not in the figures above: Triton's argument binder (sm_90) on the {n} launches of the "
+            f"\nnot in the figures above: Triton's argument binder (sm_90) on the {n} launches of the "
             f"Triton path, {_fmt(bind)} us per fwd+bwd"
         )
         shares = breakdown(_train_step(rows["acm_fused_triton"]), args.calls)
-    per_call = result["rows"]["acm_fused_triton"]["train_us"]
-    result["breakdown_triton_train"] = {k: v * per_call for k, v in shares.items()}
-    print("\nwhere the ACM fwd+bwd host time goes (cProfile own-time shares x the median above):")
+    result["breakdown_triton_train_us"] = {k: v * triton["train_us"] for k, v in shares.items()}
+    print("\nwhere the ACM fwd+bwd host time goes (cProfile own-time shares x the figure above):")
     for k, v in shares.items():
-        print(f"  {k:<34} {v * per_call:7.1f} us  {100 * v:5.1f}%")
+        print(f"  {k:<52} {v * triton['train_us']:7.1f} us  {100 * v:5.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -320,7 +338,7 @@ def main(argv=None):
 
 
 def _fmt(runs: List[float]) -> str:
-    return f"{statistics.median(runs):.1f} ({min(runs):.0f}-{max(runs):.0f})"
+    return f"{min(runs):.1f} ({statistics.median(runs):.0f})"
 
 
 if __name__ == "__main__":

@@ -58,9 +58,7 @@ def _bwd_stats_kernel(
     p_ptr,
     coef_ptr,
     cdot_ptr,
-    g_z1_ptr,
-    hidden_ptr,
-    g_z2_ptr,
+    rows_ptr,
     N,
     CG,
     G,
@@ -74,7 +72,7 @@ def _bwd_stats_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """The per-(b, g) backward: dP through P's MLP (P's weight grads come from the g_z1, hidden, g_z2
-    rows written here), dp_K, dp_Q, dmu; writes coef = [P, dmu / N, dp_K, dp_Q] and cdot = dp_j . p_j.
+    rows written here, one record per (b, g)), dp_K, dp_Q, dmu; writes coef = [P, dmu / N, dp_K, dp_Q] and cdot = dp_j . p_j.
     dd is read with its stride: the gradient of d.sum() is an expanded scalar, used without a copy."""
     bg = tl.program_id(0)
     b, g = bg // G, bg % G
@@ -94,7 +92,8 @@ def _bwd_stats_kernel(
         p = tl.load(p_ptr + bg * CG + offs_c, mask=c_mask, other=0.0)
         g_shift = p * s_gy
         g_z2 = (s_gyx + shift * s_gy) * p * (1.0 - p)
-        tl.store(g_z2_ptr + bg * CG + offs_c, g_z2, mask=c_mask)
+        row = rows_ptr + bg * (2 * HG + CG)  # [g_z1 (HG), relu(z1) (HG), g_z2 (CG)]
+        tl.store(row + 2 * HG + offs_c, g_z2, mask=c_mask)
         g_mu = tl.zeros([BLOCK_C], tl.float32)
         for h0 in range(0, HG, BLOCK_H):
             z1, w1, w2t = _p_hidden_block(
@@ -103,8 +102,8 @@ def _bwd_stats_kernel(
             g_z1 = tl.where(z1 > 0, tl.sum(w2t * g_z2[None, :], 1), 0.0)
             g_mu += tl.sum(w1 * g_z1[:, None], 0)
             offs_h = h0 + tl.arange(0, BLOCK_H)
-            tl.store(g_z1_ptr + bg * HG + offs_h, g_z1, mask=offs_h < HG)
-            tl.store(hidden_ptr + bg * HG + offs_h, tl.maximum(z1, 0.0), mask=offs_h < HG)
+            tl.store(row + offs_h, g_z1, mask=offs_h < HG)
+            tl.store(row + HG + offs_h, tl.maximum(z1, 0.0), mask=offs_h < HG)
     else:
         p = tl.full([BLOCK_C], 1.0, tl.float32)
         g_shift = s_gy
@@ -199,9 +198,7 @@ def _bwd_dx_kernel(
 @triton.jit
 def _bwd_finalize_kernel(
     gw_part_ptr,
-    g_z1_ptr,
-    hidden_ptr,
-    g_z2_ptr,
+    rows_ptr,
     mu_ptr,
     out_ptr,
     B,
@@ -240,10 +237,11 @@ def _bwd_finalize_kernel(
         g_b1 = tl.zeros([BLOCK_H], tl.float32)
         g_b2 = tl.zeros([BLOCK_C], tl.float32)
         for b in range(0, B):
-            g_z1 = tl.load(g_z1_ptr + (b * G + g) * HG + offs_h, mask=h_mask, other=0.0)
-            hidden = tl.load(hidden_ptr + (b * G + g) * HG + offs_h, mask=h_mask, other=0.0)
+            row = rows_ptr + (b * G + g) * (2 * HG + CG)
+            g_z1 = tl.load(row + offs_h, mask=h_mask, other=0.0)
+            hidden = tl.load(row + HG + offs_h, mask=h_mask, other=0.0)
             mu = tl.load(mu_ptr + (b * G + g) * CG + offs_c, mask=c_mask, other=0.0)
-            g_z2 = tl.load(g_z2_ptr + (b * G + g) * CG + offs_c, mask=c_mask, other=0.0)
+            g_z2 = tl.load(row + 2 * HG + offs_c, mask=c_mask, other=0.0)
             g_w1 += g_z1[:, None] * mu[None, :]
             g_w2t += hidden[:, None] * g_z2[None, :]
             g_b1 += g_z1

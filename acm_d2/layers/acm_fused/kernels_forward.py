@@ -33,12 +33,18 @@ def _softmax_step(xt, w2, n_mask, m, denom, acc):
 
 
 @triton.jit
+def _record(J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Floats per (b, g, split) record of the reduce kernel's partials: sum_x and each head's pooled
+    vector (BLOCK_C each), then each head's running max and sum, padded to 4 floats (16 B aligned)."""
+    return (J + 1) * BLOCK_C + 4
+
+
+@triton.jit
 def _fwd_reduce_kernel(
     x_ptr,
     kw_ptr,
     qw_ptr,
     part_ptr,
-    ml_ptr,
     N,
     CG,
     G,
@@ -66,8 +72,8 @@ def _fwd_reduce_kernel(
         m_k, l_k, acc_k = _softmax_step(xt, wk, n_mask, m_k, l_k, acc_k)
         if J == 2:
             m_q, l_q, acc_q = _softmax_step(xt, wq, n_mask, m_q, l_q, acc_q)
-    vec = part_ptr + (bg * S + s) * (J + 1) * BLOCK_C + offs_c
-    ml = ml_ptr + (bg * S + s) * J * 2
+    vec = part_ptr + (bg * S + s) * _record(J, BLOCK_C) + offs_c
+    ml = part_ptr + (bg * S + s) * _record(J, BLOCK_C) + (J + 1) * BLOCK_C
     tl.store(vec, sum_x)
     tl.store(vec + BLOCK_C, acc_k)
     tl.store(ml, m_k)
@@ -79,7 +85,7 @@ def _fwd_reduce_kernel(
 
 
 @triton.jit
-def _combine_head(part_ptr, ml_ptr, bg, S, j, J: tl.constexpr, BLOCK_C: tl.constexpr):
+def _combine_head(part_ptr, bg, S, j, J: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the splits' online-softmax partials of head j: pooled vector and natural-log lse."""
     offs_c = tl.arange(0, BLOCK_C)
     m, denom, acc = (
@@ -88,9 +94,12 @@ def _combine_head(part_ptr, ml_ptr, bg, S, j, J: tl.constexpr, BLOCK_C: tl.const
         tl.zeros([BLOCK_C], tl.float32),
     )
     for s in range(0, S):
-        ml = ml_ptr + ((bg * S + s) * J + j) * 2
-        m_s, denom_s = tl.load(ml), tl.load(ml + 1)
-        a_s = tl.load(part_ptr + ((bg * S + s) * (J + 1) + 1 + j) * BLOCK_C + offs_c)
+        rec = part_ptr + (bg * S + s) * _record(J, BLOCK_C)
+        m_s, denom_s = (
+            tl.load(rec + (J + 1) * BLOCK_C + 2 * j),
+            tl.load(rec + (J + 1) * BLOCK_C + 2 * j + 1),
+        )
+        a_s = tl.load(rec + (1 + j) * BLOCK_C + offs_c)
         m_new = tl.maximum(m, m_s)
         alpha, beta = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
         denom, acc, m = denom * alpha + denom_s * beta, acc * alpha + a_s * beta, m_new
@@ -100,7 +109,6 @@ def _combine_head(part_ptr, ml_ptr, bg, S, j, J: tl.constexpr, BLOCK_C: tl.const
 @triton.jit
 def _fwd_stats_kernel(
     part_ptr,
-    ml_ptr,
     w1_ptr,
     b1_ptr,
     w2_ptr,
@@ -130,15 +138,15 @@ def _fwd_stats_kernel(
     sum_x = tl.zeros([BLOCK_C], tl.float32)
     for t in range(0, S):
         sum_x += tl.load(
-            part_ptr + (bg * S + t) * (J + 1) * BLOCK_C + offs_c, mask=c_mask, other=0.0
+            part_ptr + (bg * S + t) * _record(J, BLOCK_C) + offs_c, mask=c_mask, other=0.0
         )
     mu = sum_x / N
-    pk, lse_k = _combine_head(part_ptr, ml_ptr, bg, S, 0, J, BLOCK_C)
+    pk, lse_k = _combine_head(part_ptr, bg, S, 0, J, BLOCK_C)
     tl.store(mu_ptr + bg * CG + offs_c, mu, mask=c_mask)
     tl.store(pooled_ptr + bg * J * CG + offs_c, pk, mask=c_mask)
     tl.store(lse_ptr + bg * J, lse_k)
     if J == 2:
-        pq, lse_q = _combine_head(part_ptr, ml_ptr, bg, S, 1, J, BLOCK_C)
+        pq, lse_q = _combine_head(part_ptr, bg, S, 1, J, BLOCK_C)
         tl.store(pooled_ptr + (bg * J + 1) * CG + offs_c, pq, mask=c_mask)
         tl.store(lse_ptr + bg * J + 1, lse_q)
         shift = pk - pq

@@ -111,9 +111,25 @@ def acm_fused(
     # The one copy a strided input costs, here rather than in each backend's forward and backward.
     x = x.contiguous(memory_format=_memory_format(x))
     p1w, p1b, p2w, p2b = p_params if p_params is not None else (None,) * 4
-    y, d = _FusedACM.apply(
-        x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, num_groups, need_orth, backend
-    )
+    if torch.is_grad_enabled():
+        y, d = _FusedACM.apply(
+            x,
+            k_weight,
+            k_bias,
+            q_weight,
+            q_bias,
+            p1w,
+            p1b,
+            p2w,
+            p2b,
+            num_groups,
+            need_orth,
+            backend,
+        )
+    else:  # inference: no graph to record, so not the autograd Function's per-call cost either
+        y, d, *_ = _forward(
+            x, k_weight, q_weight, p1w, p1b, p2w, p2b, num_groups, need_orth, backend
+        )
     return y, (d if need_orth else None)
 
 

@@ -156,8 +156,8 @@ def forward(x, k_weight, q_weight, p_params, num_groups, need_orth):
     st = stats_config(C, hg * G, G)
     w1, b1, w2, b2 = p_params if use_p else (x,) * 4  # never read without USE_P
     qw = k_weight if q_weight is None else q_weight
-    part = torch.empty((B * G, sc.splits, J + 1, sc.block_c), device=dev, dtype=F32)
-    part_ml = torch.empty((B * G, sc.splits, J, 2), device=dev, dtype=F32)
+    # Per (b, g, split): the partial sums and online-softmax state (kernels_forward._record).
+    part = torch.empty((B * G, sc.splits, (J + 1) * sc.block_c + 4), device=dev, dtype=F32)
     mu = torch.empty((B, C), device=dev, dtype=F32)
     pooled = torch.empty((B, G, J, Cg), device=dev, dtype=F32)
     lse = torch.empty((B, G, J), device=dev, dtype=F32)
@@ -175,7 +175,6 @@ def forward(x, k_weight, q_weight, p_params, num_groups, need_orth):
             k_weight,
             qw,
             part,
-            part_ml,
             N,
             Cg,
             G,
@@ -191,7 +190,6 @@ def forward(x, k_weight, q_weight, p_params, num_groups, need_orth):
             _fwd_stats_kernel,
             (B * G,),
             part,
-            part_ml,
             w1,
             b1,
             w2,
@@ -253,12 +251,8 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
     part = torch.empty((B * G, sr.splits, 2, sr.block_c), device=dev, dtype=F32)
     coef = torch.empty((B * G, 4, st.block_c), device=dev, dtype=F32)
     cdot = torch.empty((B * G, J), device=dev, dtype=F32)
-    # Rows of P's hidden layer and its gradients per (b, g), for P's weight gradients (finalize).
-    g_z1, hidden, g_z2 = (
-        torch.empty((B, n) if use_p else (0,), device=dev, dtype=F32) for n in (hg * G, hg * G, C)
-    )
-    if not use_p:
-        g_z1 = hidden = g_z2 = coef  # never read without USE_P
+    # Per (b, g): P's hidden layer, its gradient and dP's pre-sigmoid, for P's weight gradients.
+    rows = torch.empty((B * G, 2 * hg + Cg), device=dev, dtype=F32) if use_p else coef
     gw_part = torch.empty((B * G, sd.splits, J, sd.block_c), device=dev, dtype=F32)
     flat = torch.empty(grad_layout(C, G, J, hg * G if use_p else 0)[1], device=dev, dtype=F32)
     gx = torch.empty_like(x)
@@ -293,9 +287,7 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
             p if use_p else mu,
             coef,
             cdot,
-            g_z1,
-            hidden,
-            g_z2,
+            rows,
             N,
             Cg,
             G,
@@ -336,9 +328,7 @@ def backward(grad_y, grad_d, x, k_weight, q_weight, p_params, mu, pooled, lse, p
             _bwd_finalize_kernel,
             (G, _cdiv(hg, st.block_h) if use_p else 1),
             gw_part,
-            g_z1,
-            hidden,
-            g_z2,
+            rows,
             mu,
             flat,
             B,
