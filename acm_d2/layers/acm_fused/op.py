@@ -34,11 +34,11 @@ Both backends return the same tensors, so a device whose Triton fails (no C comp
 launcher, an unsupported GPU, a Triton change) falls back to the torch backend inside the op, with one
 warning, and stays there: see `triton_failures`. An out-of-memory is not such a failure: it is raised.
 
-Host cost: a plain `torch.autograd.Function` calls the backends directly in eager mode (one Python
-call each way; `torch.library.custom_op` + `register_autograd` cost ~110 us per forward + backward on
-a CPU, acm_d2.benchmark.host). Under torch.compile the Function calls the `acm_d2::acm_fused_forward`
-/ `acm_fused_backward` ops instead (define/impl, with fake kernels), so that ACM stays one opaque
-graph node whose body Dynamo does not trace.
+Host cost: in eager mode a plain `torch.autograd.Function` (none under no_grad) calls the backends
+directly, cheaper per call than `torch.library.custom_op` + `register_autograd` (measure with
+`python -m acm_d2.benchmark.host`). Under torch.compile the Function calls the
+`acm_d2::acm_fused_forward` / `acm_fused_backward` ops instead (define/impl, with fake kernels), so
+that ACM stays one opaque graph node whose body Dynamo does not trace.
 """
 
 import logging
