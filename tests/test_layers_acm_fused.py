@@ -437,3 +437,15 @@ def test_triton_out_of_memory_is_raised_not_a_fallback(monkeypatch, caplog):
     monkeypatch.setattr(op, "_TRITON_FAILURES", {})
     y, _ = acm_fused(x, *args, backend="auto")
     assert y.shape == x.shape and list(triton_failures()) == ["cpu"]
+
+
+def test_no_grad_call_skips_autograd_and_matches():
+    """Under no_grad the op runs without its autograd Function: same y, no graph."""
+    _, fused = make_pair("full", 16, 4, torch.float32)
+    fused.eval()
+    x = torch.randn(2, 16, 5, 7, requires_grad=True)
+    y_grad = fused(x)
+    with torch.no_grad():
+        y = fused(x)
+    assert y_grad.grad_fn is not None and y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, y_grad, rtol=0, atol=0)
