@@ -232,7 +232,6 @@ TRITON_CHECK = textwrap.dedent(
     import os, torch
     assert os.environ["TRITON_INTERPRET"] == "1"
     from acm_d2.layers.acm_fused import acm_fused, triton_failures
-    from acm_d2.layers.acm_fused.op import _forward_op
 
     torch.manual_seed(0)
     B, C, H, W, G = 2, 16, 5, 7, 4  # H*W = 35: a partial last tile and two splits in the interpreter
@@ -260,7 +259,8 @@ TRITON_CHECK = textwrap.dedent(
                 tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-4 if name == "param" else 1e-5
                 scale = max(1.0, b.float().abs().max().item())
                 torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{variant} {dtype} {name}: {m}")
-        stats_t = _forward_op(x.detach(), *leaves, *(p or [None] * 4), G, use_q, "triton")
+        with torch.no_grad():  # the op torch.compile sees, through the dispatcher
+            stats_t = torch.ops.acm_d2.acm_fused_forward(x, leaves[0], leaves[2], *(p or [None] * 4), G, use_q, "triton")
         assert stats_t[4].shape == (B, G, 2 if use_q else 1)  # the softmax lse, saved by both backends
     # channels-last in, channels-last out, same values as NCHW (both backends read x with its strides)
     leaves = [torch.randn(G, C // G, 1, 1), torch.randn(G)] * 2
@@ -344,7 +344,7 @@ def test_triton_launches_run_under_the_inputs_device_guard(monkeypatch):
     triton_backend.backward(
         torch.empty_like(x), torch.empty(2, device="meta"), x, kw, kw, p, mu, pooled, lse, pv, 4
     )
-    assert launches == [True] * 6
+    assert launches == [True] * 7
 
     entered = []
     monkeypatch.undo()
@@ -382,3 +382,70 @@ def test_backward_scratch_is_small_at_the_c4_roi_head_shape():
     scratch = aot.backward_scratch_bytes(shape, 32)
     x_bytes = torch.empty(shape, device="meta").nbytes
     assert 0 < scratch < x_bytes / 4, (scratch, x_bytes)
+
+
+@pytest.mark.parametrize(
+    "variant, dtype",
+    [
+        ("full", torch.float32),
+        ("full", torch.bfloat16),
+        ("no_p", torch.float32),
+        ("no_q", torch.float32),
+    ],
+)
+def test_triton_path_launches_at_most_3_forward_and_8_in_all(variant, dtype):
+    """Counted without a GPU: the Triton launches recorded on meta tensors plus every torch op that
+    would launch a kernel (views and allocations do not), for one training call of the op."""
+    host = pytest.importorskip("acm_d2.benchmark.host")
+    call = host.acm_call((2, 256, 20, 30), 32, variant, dtype)
+    counts = host.count_launches(call)
+    fwd, bwd = counts["forward"], counts["backward"]
+    assert len(fwd) <= 3 and len(fwd) + len(bwd) <= 8, counts
+    # The counter sees torch ops: the torch backend's batched matmuls and small ops are dozens.
+    torch_counts = host.count_launches(host.acm_call((2, 256, 20, 30), 32, variant, dtype, "torch"))
+    print(
+        f"{variant} {dtype}: torch backend {len(torch_counts['forward'])} + {len(torch_counts['backward'])} ops"
+    )
+    assert len(torch_counts["forward"]) + len(torch_counts["backward"]) > 20
+
+
+def test_triton_out_of_memory_is_raised_not_a_fallback(monkeypatch, caplog):
+    """A CUDA OOM inside Triton's launcher (a RuntimeError, not torch's) propagates as
+    torch.OutOfMemoryError under "auto" and leaves the device on Triton."""
+    triton_backend = pytest.importorskip("acm_d2.layers.acm_fused.triton_backend")
+    from acm_d2.layers.acm_fused import op, triton_failures
+
+    message = "Triton Error [CUDA]: out of memory"
+
+    class FailingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise RuntimeError(message)
+
+            return launch
+
+    monkeypatch.setattr(triton_backend, "_fwd_reduce_kernel", FailingKernel())
+    monkeypatch.setattr(op, "_triton_device", lambda x: True)  # "auto" picks Triton for this CPU x
+    x = torch.randn(1, 8, 3, 3)
+    args = (torch.ones(2, 4, 1, 1), torch.zeros(2), None, None, None, 2, False)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory") as info:
+        acm_fused(x, *args, backend="auto")
+    assert message in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    assert not triton_failures() and "failed" not in caplog.text
+    # Any other launcher error is a broken Triton: one warning, the torch backend from then on.
+    monkeypatch.setattr(FailingKernel, "__getitem__", lambda self, grid: None)
+    monkeypatch.setattr(op, "_TRITON_FAILURES", {})
+    y, _ = acm_fused(x, *args, backend="auto")
+    assert y.shape == x.shape and list(triton_failures()) == ["cpu"]
+
+
+def test_no_grad_call_skips_autograd_and_matches():
+    """Under no_grad the op runs without its autograd Function: same y, no graph."""
+    _, fused = make_pair("full", 16, 4, torch.float32)
+    fused.eval()
+    x = torch.randn(2, 16, 5, 7, requires_grad=True)
+    y_grad = fused(x)
+    with torch.no_grad():
+        y = fused(x)
+    assert y_grad.grad_fn is not None and y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, y_grad, rtol=0, atol=0)

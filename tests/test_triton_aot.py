@@ -31,7 +31,8 @@ def test_kernels_compile_without_spills_representative():
     rows = aot.check_matrix(["res2", "res5", "c4_roi_res5"], [8, 32], ["float32", "bfloat16"], [90])
     rows += aot.check_matrix(["res4"], [32], ["float16"], [80], variants=("full", "no_p", "no_q"))
     kernels = {r.kernel for _, _, r in rows}
-    assert len(kernels) == 6, kernels  # forward: reduce, stats, output; backward: reduce, stats, dx
+    # forward: reduce, stats, output; backward: reduce, stats, dx, finalize
+    assert len(kernels) == 7, kernels
     assert not _report(rows)
 
 

@@ -106,15 +106,23 @@ def meta_inputs(
     return x, kw, qw, p_params
 
 
+@contextlib.contextmanager
+def recorded_launches(launch, num_sms: int):
+    """While active, the Triton backend calls launch(kernel, grid, *args, **meta) instead of launching,
+    and sizes its launches for a GPU with num_sms SMs: it runs on `meta` tensors, no GPU needed."""
+    with (
+        mock.patch.object(triton_backend, "_launch", launch),
+        mock.patch.object(triton_backend, "_num_sms", lambda t: num_sms),
+    ):
+        yield
+
+
 def _dry_run(shape, groups, variant, dtype, num_sms, launch, backward_mode=contextlib.nullcontext):
     """One training forward + backward of the Triton backend on meta tensors, `launch` standing in for
     the kernel launches; the backward runs inside backward_mode()."""
     x, kw, qw, p_params = meta_inputs(shape, groups, variant, dtype)
     need_orth = qw is not None
-    with (
-        mock.patch.object(triton_backend, "_launch", launch),
-        mock.patch.object(triton_backend, "_num_sms", lambda t: num_sms),
-    ):
+    with recorded_launches(launch, num_sms):
         _, _, mu, pooled, lse, p = triton_backend.forward(x, kw, qw, p_params, groups, need_orth)
         grad_d = torch.empty((shape[0],), device="meta") if need_orth else None
         grad_y = torch.empty_like(x)
@@ -180,7 +188,9 @@ def backward_scratch_bytes(
     return alloc.bytes - torch.empty(shape, dtype=dtype, device="meta").nbytes
 
 
-def _binder(kernel, target):
+def binder(kernel, target):
+    """(backend, bind) for kernel on target: bind(*args, **meta) is the argument binder and specialiser
+    Triton's JIT launcher runs on every launch (the Python part of a launch)."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -194,8 +204,8 @@ def specialise(launch: Launch, arch: int):
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
-    backend, binder = _binder(launch.kernel, target)
-    bound_args, specialization, options = binder(*launch.args, **launch.meta)
+    backend, bind = binder(launch.kernel, target)
+    bound_args, specialization, options = bind(*launch.args, **launch.meta)
     options, signature, constexprs, attrs = launch.kernel._pack_args(
         backend, launch.meta, bound_args, specialization, options
     )

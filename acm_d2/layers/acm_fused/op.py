@@ -1,4 +1,4 @@
-"""The fused ACM op: `acm_fused`, its custom-op pair and autograd, and the choice of backend.
+"""The fused ACM op: `acm_fused`, its autograd, its `torch.library` op pair and the choice of backend.
 
 Paper: "Learning Visual Context by Comparison", Kim et al., ECCV 2020 (https://arxiv.org/abs/2007.07506).
 
@@ -32,7 +32,13 @@ sum runs in float32 (float64 for float64 inputs on the torch backend) whatever t
 
 Both backends return the same tensors, so a device whose Triton fails (no C compiler for Triton's
 launcher, an unsupported GPU, a Triton change) falls back to the torch backend inside the op, with one
-warning, and stays there: see `triton_failures`.
+warning, and stays there: see `triton_failures`. An out-of-memory is not such a failure: it is raised.
+
+Host cost: in eager mode a plain `torch.autograd.Function` (none under no_grad) calls the backends
+directly, cheaper per call than `torch.library.custom_op` + `register_autograd` (measure with
+`python -m acm_d2.benchmark.host`). Under torch.compile the Function calls the
+`acm_d2::acm_fused_forward` / `acm_fused_backward` ops instead (define/impl, with fake kernels), so
+that ACM stays one opaque graph node whose body Dynamo does not trace.
 """
 
 import logging
@@ -43,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
+from .torch_backend import grad_layout
 
 try:
     from . import triton_backend
@@ -96,16 +103,33 @@ def acm_fused(
     if backend == "triton":
         if triton_backend is None:
             raise RuntimeError("backend='triton' needs Triton installed")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        # meta tensors: launches recorded instead of run (aot.py, acm_d2.benchmark.host).
+        if not (x.is_cuda or x.is_meta) and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 "backend='triton' on CPU tensors only runs under TRITON_INTERPRET=1 (tests)"
             )
     # The one copy a strided input costs, here rather than in each backend's forward and backward.
     x = x.contiguous(memory_format=_memory_format(x))
     p1w, p1b, p2w, p2b = p_params if p_params is not None else (None,) * 4
-    y, d, *_ = _forward_op(
-        x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, num_groups, need_orth, backend
-    )
+    if torch.is_grad_enabled():
+        y, d = _FusedACM.apply(
+            x,
+            k_weight,
+            k_bias,
+            q_weight,
+            q_bias,
+            p1w,
+            p1b,
+            p2w,
+            p2b,
+            num_groups,
+            need_orth,
+            backend,
+        )
+    else:  # inference: no graph to record, so not the autograd Function's per-call cost either
+        y, d, *_ = _forward(
+            x, k_weight, q_weight, p1w, p1b, p2w, p2b, num_groups, need_orth, backend
+        )
     return y, (d if need_orth else None)
 
 
@@ -118,6 +142,149 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     ):
         return torch.channels_last
     return torch.contiguous_format
+
+
+class _FusedACM(torch.autograd.Function):
+    """Autograd of the fused op: saves x and the O(B*C) statistics, not the attention."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        k_weight,
+        k_bias,
+        q_weight,
+        q_bias,
+        p1w,
+        p1b,
+        p2w,
+        p2b,
+        num_groups,
+        need_orth,
+        backend,
+    ):
+        y, d, mu, pooled, lse, p = _forward(
+            x, k_weight, q_weight, p1w, p1b, p2w, p2b, num_groups, need_orth, backend
+        )
+        ctx.save_for_backward(x, k_weight, q_weight, p1w, p1b, p2w, p2b, mu, pooled, lse, p)
+        ctx.num_groups, ctx.need_orth, ctx.backend = num_groups, need_orth, backend
+        # An unused d (or y) gets None, not a zero-filled gradient that would cost a launch.
+        ctx.set_materialize_grads(False)
+        if not need_orth:
+            ctx.mark_non_differentiable(d)
+        return y, d
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_d):
+        x, k_weight, q_weight, p1w, p1b, p2w, p2b, mu, pooled, lse, p = ctx.saved_tensors
+        if grad_y is None:  # only d is in the loss
+            grad_y = torch.zeros_like(x)
+        gx, flat = _backward(
+            grad_y,
+            grad_d if ctx.need_orth else None,
+            x,
+            k_weight,
+            q_weight,
+            p1w,
+            p1b,
+            p2w,
+            p2b,
+            mu,
+            pooled,
+            lse,
+            p,
+            ctx.num_groups,
+            ctx.backend,
+        )
+        # Views of the flat vector, in grad_layout's order; the autograd engine casts a gradient to
+        # its parameter's dtype where they differ. A bias passed as None gets None.
+        J = 1 if q_weight is None else 2
+        hidden = 0 if p1w is None else p1w.shape[0]
+        parts = flat.split(grad_layout(x.shape[1], ctx.num_groups, J, hidden)[0])
+        needs = ctx.needs_input_grad
+        grads = [parts[0].view(k_weight.shape), parts[1] if needs[2] else None] + [None] * 6
+        if q_weight is not None:
+            grads[2:4] = parts[2].view(q_weight.shape), parts[3] if needs[4] else None
+        if p1w is not None:
+            w1, b1, w2, b2 = parts[2 * J :]
+            grads[4:] = w1.view(p1w.shape), b1, w2.view(p2w.shape), b2
+        return (gx, *grads, None, None, None)
+
+
+def _forward(*args):
+    # Eager: the backend directly. Under torch.compile: the opaque op (Dynamo does not trace Triton's
+    # launcher or the fallback), so that ACM is one graph node.
+    if torch.compiler.is_compiling():
+        return torch.ops.acm_d2.acm_fused_forward(*args)
+    return _forward_impl(*args)
+
+
+def _backward(*args):
+    if torch.compiler.is_compiling():
+        return torch.ops.acm_d2.acm_fused_backward(*args)
+    return _backward_impl(*args)
+
+
+def _forward_impl(x, k_weight, q_weight, p1w, p1b, p2w, p2b, num_groups, need_orth, backend):
+    """y, d (B, or empty), and for the backward mu (B x C), pooled (B x G x J x Cg), lse (B x G x J),
+    P (B x C, or empty)."""
+    p_params = None if p1w is None else (p1w, p1b, p2w, p2b)
+    fwd = triton_backend.forward if triton_backend is not None else None
+    return _run_backend(
+        backend,
+        x,
+        fwd,
+        torch_backend.forward,
+        x,
+        k_weight,
+        q_weight,
+        p_params,
+        num_groups,
+        need_orth,
+    )
+
+
+def _backward_impl(
+    grad_y,
+    grad_d,
+    x,
+    k_weight,
+    q_weight,
+    p1w,
+    p1b,
+    p2w,
+    p2b,
+    mu,
+    pooled,
+    lse,
+    p,
+    num_groups,
+    backend,
+):
+    """dx, and every weight gradient in one flat vector in grad_layout's order (outputs of an op may
+    not alias each other, so the caller cuts the vector)."""
+    p_params = None if p1w is None else (p1w, p1b, p2w, p2b)
+    # dy in x's layout, so that both stream with the same strides. dd (often the expanded scalar
+    # gradient of d.sum()) is read with its stride by both backends: no copy.
+    grad_y = grad_y.contiguous(memory_format=_memory_format(x))
+    bwd = triton_backend.backward if triton_backend is not None else None
+    return _run_backend(
+        backend,
+        x,
+        bwd,
+        torch_backend.backward,
+        grad_y,
+        grad_d,
+        x,
+        k_weight,
+        q_weight,
+        p_params,
+        mu,
+        pooled,
+        lse,
+        p,
+        num_groups,
+    )
 
 
 def _triton_device(x: Tensor) -> bool:
@@ -133,14 +300,14 @@ def _use_triton(backend: str, x: Tensor) -> bool:
 
 def _run_backend(backend: str, x: Tensor, triton_fn, torch_fn, *args):
     """triton_fn(*args) where Triton is chosen, else torch_fn(*args); under "auto" a Triton error
-    (compile or launch) disables Triton on x's device for the rest of the process."""
+    (compile or launch, not an out-of-memory) disables Triton on x's device for the rest of the process."""
     if not _use_triton(backend, x):
-        return torch_fn(*args)
+        return _run_torch(x, torch_fn, *args)
     if backend == "triton":
         return triton_fn(*args)
     try:
         return triton_fn(*args)
-    except torch.cuda.OutOfMemoryError:
+    except torch.OutOfMemoryError:
         raise  # the torch backend would need more memory, not less
     except Exception as e:  # noqa: BLE001 - any Triton failure: the torch backend computes the same
         device = str(x.device)
@@ -154,62 +321,39 @@ def _run_backend(backend: str, x: Tensor, triton_fn, torch_fn, *args):
             str(e).splitlines()[0] if str(e) else "",
             device,
         )
+        return _run_torch(x, torch_fn, *args)
+
+
+def _run_torch(x: Tensor, torch_fn, *args):
+    # The torch backend's matmuls would otherwise follow the caller's autocast (thread state, not a
+    # dispatch decision about this op) and run in low precision; the Triton kernels compute in float32.
+    if not torch.amp.is_autocast_available(x.device.type):  # meta tensors
+        return torch_fn(*args)
+    with torch.autocast(x.device.type, enabled=False):
         return torch_fn(*args)
 
 
 # ----------------------------------------------------------------------------------------------------
-# custom op pair: forward returns y, d and the saved statistics; backward is its own op.
+# The op pair torch.compile sees, with the kernels above and fake (shape-only) kernels.
+
+_LIB = torch.library.Library("acm_d2", "FRAGMENT")
+_LIB.define(
+    "acm_fused_forward(Tensor x, Tensor k_weight, Tensor? q_weight, Tensor? p1_weight, "
+    "Tensor? p1_bias, Tensor? p2_weight, Tensor? p2_bias, int num_groups, bool need_orth, "
+    "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "acm_fused_backward(Tensor grad_y, Tensor? grad_d, Tensor x, Tensor k_weight, Tensor? q_weight, "
+    "Tensor? p1_weight, Tensor? p1_bias, Tensor? p2_weight, Tensor? p2_bias, Tensor mu, "
+    "Tensor pooled, Tensor lse, Tensor p, int num_groups, str backend) -> (Tensor, Tensor)"
+)
+_LIB.impl("acm_fused_forward", _forward_impl, "CompositeExplicitAutograd")
+_LIB.impl("acm_fused_backward", _backward_impl, "CompositeExplicitAutograd")
 
 
-@torch.library.custom_op("acm_d2::acm_fused_forward", mutates_args=())
-def _forward_op(
-    x: Tensor,
-    k_weight: Tensor,
-    k_bias: Tensor,
-    q_weight: Optional[Tensor],
-    q_bias: Optional[Tensor],
-    p1_weight: Optional[Tensor],
-    p1_bias: Optional[Tensor],
-    p2_weight: Optional[Tensor],
-    p2_bias: Optional[Tensor],
-    num_groups: int,
-    need_orth: bool,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """y, d (B, or empty), and for the backward mu (B x C), pooled (B x G x J x Cg), lse (B x G x J), P (B x C, or empty)."""
-    p_params = None if p1_weight is None else (p1_weight, p1_bias, p2_weight, p2_bias)
-    fwd = triton_backend.forward if triton_backend is not None else None
-    # The backends' own ops would otherwise see the caller's autocast (it is thread state, not a
-    # dispatch decision about this op) and run the matmuls in low precision.
-    with torch.autocast(x.device.type, enabled=False):
-        return _run_backend(
-            backend,
-            x,
-            fwd,
-            torch_backend.forward,
-            x,
-            k_weight,
-            q_weight,
-            p_params,
-            num_groups,
-            need_orth,
-        )
-
-
-@_forward_op.register_fake
+@torch.library.register_fake("acm_d2::acm_fused_forward", lib=_LIB)
 def _(
-    x,
-    k_weight,
-    k_bias,
-    q_weight,
-    q_bias,
-    p1_weight,
-    p1_bias,
-    p2_weight,
-    p2_bias,
-    num_groups,
-    need_orth,
-    backend,
+    x, k_weight, q_weight, p1_weight, p1_bias, p2_weight, p2_bias, num_groups, need_orth, backend
 ):
     B, C = x.shape[:2]
     dt = _compute_dtype(x, backend)
@@ -225,53 +369,7 @@ def _(
     )
 
 
-@torch.library.custom_op("acm_d2::acm_fused_backward", mutates_args=())
-def _backward_op(
-    grad_y: Tensor,
-    grad_d: Optional[Tensor],
-    x: Tensor,
-    k_weight: Tensor,
-    q_weight: Optional[Tensor],
-    p1_weight: Optional[Tensor],
-    p1_bias: Optional[Tensor],
-    p2_weight: Optional[Tensor],
-    p2_bias: Optional[Tensor],
-    mu: Tensor,
-    pooled: Tensor,
-    lse: Tensor,
-    p: Tensor,
-    num_groups: int,
-    backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """dx, and every weight gradient flattened into one vector in param_slots order (outputs of a
-    custom op may not alias each other, so the caller cuts the vector)."""
-    p_params = None if p1_weight is None else (p1_weight, p1_bias, p2_weight, p2_bias)
-    # dy in x's layout, so that both stream with the same strides; grad_d is often an expanded scalar
-    # (d.sum() in the loss): a real B-vector for the kernels.
-    grad_y = grad_y.contiguous(memory_format=_memory_format(x))
-    grad_d = grad_d.contiguous() if grad_d is not None else None
-    bwd = triton_backend.backward if triton_backend is not None else None
-    with torch.autocast(x.device.type, enabled=False):
-        return _run_backend(
-            backend,
-            x,
-            bwd,
-            torch_backend.backward,
-            grad_y,
-            grad_d,
-            x,
-            k_weight,
-            q_weight,
-            p_params,
-            mu,
-            pooled,
-            lse,
-            p,
-            num_groups,
-        )
-
-
-@_backward_op.register_fake
+@torch.library.register_fake("acm_d2::acm_fused_backward", lib=_LIB)
 def _(
     grad_y,
     grad_d,
@@ -289,68 +387,9 @@ def _(
     num_groups,
     backend,
 ):
-    p_params = None if p1_weight is None else (p1_weight, p1_bias, p2_weight, p2_bias)
-    total = sum(t.numel() for t in param_slots(k_weight, None, q_weight, None, p_params).values())
+    hidden = 0 if p1_weight is None else p1_weight.shape[0]
+    total = grad_layout(x.shape[1], num_groups, pooled.shape[2], hidden)[1]
     return torch.empty_like(x), mu.new_empty(total)
-
-
-def param_slots(k_weight, k_bias, q_weight, q_bias, p_params) -> Dict[str, Tensor]:
-    """The parameters present, in the order of the flat weight gradient. Callers that only need the
-    sizes pass the biases as None: a G-vector view of the weight stands in."""
-    slots = {"kw": k_weight, "kb": k_weight[:, 0, 0, 0] if k_bias is None else k_bias}
-    if q_weight is not None:
-        slots.update(qw=q_weight, qb=q_weight[:, 0, 0, 0] if q_bias is None else q_bias)
-    if p_params is not None:
-        slots.update(zip(("w1", "b1", "w2", "b2"), p_params))
-    return slots
-
-
-def _setup_context(ctx, inputs, output):
-    x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, num_groups, need_orth, backend = (
-        inputs
-    )
-    _, _, mu, pooled, lse, p = output
-    ctx.save_for_backward(
-        x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, mu, pooled, lse, p
-    )
-    ctx.num_groups, ctx.need_orth, ctx.backend = num_groups, need_orth, backend
-
-
-def _backward(ctx, grad_y, grad_d, *_):
-    x, k_weight, k_bias, q_weight, q_bias, p1w, p1b, p2w, p2b, mu, pooled, lse, p = (
-        ctx.saved_tensors
-    )
-    gx, flat = _backward_op(
-        grad_y,
-        grad_d if ctx.need_orth else None,
-        x,
-        k_weight,
-        q_weight,
-        p1w,
-        p1b,
-        p2w,
-        p2b,
-        mu,
-        pooled,
-        lse,
-        p,
-        ctx.num_groups,
-        ctx.backend,
-    )
-    p_params = None if p1w is None else (p1w, p1b, p2w, p2b)
-    grads, offset = {}, 0
-    for name, t in param_slots(k_weight, k_bias, q_weight, q_bias, p_params).items():
-        grads[name] = flat[offset : offset + t.numel()].view(t.shape).to(t.dtype)
-        offset += t.numel()
-    return (gx, *(grads.get(name) for name in _GRAD_SLOTS), None, None, None)
-
-
-torch.library.register_autograd(
-    "acm_d2::acm_fused_forward", _backward, setup_context=_setup_context
-)
-
-# The parameter inputs of _forward_op, in order.
-_GRAD_SLOTS = ("kw", "kb", "qw", "qb", "w1", "b1", "w2", "b2")
 
 
 def _compute_dtype(x: Tensor, backend: str) -> torch.dtype:

@@ -4,10 +4,22 @@ Runs on any device; the CPU default and the fallback where Triton cannot run. Ch
 are read through one NCHW copy and y / dx are returned channels-last, as the op promises.
 """
 
+from typing import Tuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "grad_layout"]
+
+
+def grad_layout(C: int, G: int, J: int, hidden: int) -> Tuple[Tuple[int, ...], int]:
+    """Sizes of the parameter gradients in the flat vector both backends return, in order, and their
+    total: per head (K, then Q) its logits weight (C) and bias (G); then, with P (hidden > 0), W1
+    (hidden x C/G), b1 (hidden), W2 (C x hidden/G) and b2 (C)."""
+    sizes = (C, G) * J
+    if hidden:
+        sizes += (hidden * (C // G), hidden, C * (hidden // G), C)
+    return sizes, sum(sizes)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
