@@ -3,8 +3,10 @@ checks the values a user merged in (it runs when a backbone or meta-architecture
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .layers.acm import ACM_IMPLS, ACM_VARIANTS
+from .utils.device import runnable_device
 
 RESNET_STAGES = ("res2", "res3", "res4", "res5")
 ORTH_LOSS_MODES = ("paper", "official")
@@ -166,3 +168,15 @@ def validate_acm_config(cfg):
         _fail("MODEL.GC.RATIO", ratio, "a number in (0, 1], e.g. 0.0625 (1/16) or 0.25 (1/4)")
     _check_positive_int("MODEL.CC.RECURRENCE", cfg.MODEL.CC.RECURRENCE)
     _check_positive_int("MODEL.CC.REDUCTION", cfg.MODEL.CC.REDUCTION)
+
+
+def load_config(config_file: str, opts=()):
+    """The one way every tool and the trainer build a yacs config: Detectron2's defaults, acm_d2's keys,
+    the file, then the `KEY VALUE` overrides, with MODEL.DEVICE made runnable (a CUDA device on a machine
+    without CUDA falls back to the CPU, with a warning: utils.device.runnable_device). Not frozen."""
+    cfg = get_cfg()
+    add_acm_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = runnable_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
+    return cfg

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 __all__ = [
     "SCRIPTING_FIELDS",
     "STABLE_ONNX_OPSET_VERSION",
+    "MAX_ONNX_OPSET",
     "Comparison",
     "DetectionLimits",
     "compare_outputs",
@@ -31,6 +32,9 @@ __all__ = [
     "scripted_outputs",
     "traceable_model",
 ]
+
+# The highest opset of torch.onnx's TorchScript-based exporter (dynamo=False), which export_model uses.
+MAX_ONNX_OPSET = 20
 
 # Every Instances field an acm_d2 meta-architecture (Mask / Faster R-CNN, RetinaNet) uses in inference,
 # as Detectron2's export_model.py lists them for scripting_with_instances.
