@@ -243,3 +243,13 @@ def calm_attention(model):
                     if conv is not None:
                         conv.weight.mul_(0.1)
     return model
+
+
+def import_tool(name):
+    """tools/<name>.py imported as a module, to call its functions in the test's process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

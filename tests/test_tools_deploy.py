@@ -1,6 +1,5 @@
 """tools/predict.py and tools/export_model.py on a tiny random-weight ACM model."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import torch
 from detectron2.modeling import build_model
 
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
-from conftest import REPO, calm_attention, small_cfg
+from conftest import REPO, calm_attention, import_tool, small_cfg
 
 CONFIG = os.path.join(
     REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml"
@@ -165,16 +164,6 @@ def test_export_model_writes_the_model_and_checks_it_against_eager(tmp_path, wei
     assert "max abs difference to eager on the sample" in result.stdout
 
 
-def _tool(name):
-    """tools/<name>.py imported as a module, to call its functions in this process (no model start-up)."""
-    spec = importlib.util.spec_from_file_location(
-        f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _write_png(path, size=(32, 40)):
     cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8))
     return str(path)
@@ -205,7 +194,7 @@ class _RecordingPredictor:
 
 @pytest.fixture
 def predict(monkeypatch):
-    tool = _tool("predict")
+    tool = import_tool("predict")
     _RecordingPredictor.images = []
     monkeypatch.setattr(tool, "Predictor", _RecordingPredictor)
     return tool
@@ -291,14 +280,14 @@ def test_predict_keeps_the_previous_json_when_writing_fails(tmp_path, predict, m
 @pytest.mark.parametrize("value", ["nan", "inf", "-0.1", "1.5"])
 def test_predict_refuses_a_confidence_threshold_that_is_not_a_score(value, capsys):
     with pytest.raises(SystemExit):
-        _tool("predict").parse_args(
+        import_tool("predict").parse_args(
             _predict_args("--input", "a.png", "--json", "r.json", "--confidence-threshold", value)
         )
     assert "--confidence-threshold" in capsys.readouterr().err
 
 
 def test_predict_takes_trailing_overrides_opts_and_trust_checkpoint():
-    parse = _tool("predict").parse_args
+    parse = import_tool("predict").parse_args
     trailing = parse(
         _predict_args(
             "--input", "a.png", "--json", "r.json", "--trust-checkpoint", "MODEL.WEIGHTS", "w.pth"
@@ -312,7 +301,7 @@ def test_predict_takes_trailing_overrides_opts_and_trust_checkpoint():
 
 def test_predict_names_an_override_swallowed_by_input(capsys):
     with pytest.raises(SystemExit):
-        _tool("predict").parse_args(
+        import_tool("predict").parse_args(
             _predict_args("--json", "r.json", "--input", "a.png", "MODEL.WEIGHTS", "w")
         )
     assert "'MODEL.WEIGHTS' looks like a config key" in capsys.readouterr().err
@@ -330,7 +319,7 @@ def test_tools_refuse_weights_that_do_not_fit_the_config(tmp_path, weights, tool
     if tool == "predict":
         args += ["--input", _write_png(tmp_path / "a.png")]
     args += out
-    main = _tool(tool).main
+    main = import_tool(tool).main
     assert main([*args, *TINY, "MODEL.ROI_HEADS.NUM_CLASSES", "5", "MODEL.WEIGHTS", weights]) == 1
     assert main([*args, *TINY, "MODEL.WEIGHTS", ""]) == 1
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "out" / "model.ts").exists()
@@ -353,7 +342,7 @@ def test_export_model_keeps_the_previous_model_when_the_check_fails(tmp_path, we
         "MODEL.WEIGHTS",
         weights,
     ]
-    assert _tool("export_model").main(args) == 1
+    assert import_tool("export_model").main(args) == 1
     assert (out / "model.ts").read_bytes() == b"the verified model" and os.listdir(out) == [
         "model.ts"
     ]
@@ -384,7 +373,7 @@ def test_export_model_refuses_bad_arguments_by_name(tmp_path, args, message, cap
         "--trust-checkpoint",
     ]
     with pytest.raises(SystemExit):
-        _tool("export_model").parse_args(argv)
+        import_tool("export_model").parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -393,5 +382,5 @@ def test_export_model_reads_a_16_bit_sample_as_training_does(tmp_path):
 
     image = str(tmp_path / "xray.png")
     cv2.imwrite(image, np.full((96, 128), 32896, dtype=np.uint16))
-    sample = _tool("export_model").sample_image(load_config(CONFIG, TINY), image)
+    sample = import_tool("export_model").sample_image(load_config(CONFIG, TINY), image)
     assert sample.shape == (3, 96, 128) and (sample == 128).all()
