@@ -10,12 +10,14 @@ from typing import Callable, Dict, NamedTuple
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .layers.acm import ACM_IMPLS, ACM_VARIANTS
 from .layers.criss_cross import CrissCrossAttention
 from .layers.global_context import GlobalContext
 from .layers.nonlocal_ import NonLocal2d
 from .layers.se import SqueezeExcite
+from .utils.device import runnable_device
 
 RESNET_STAGES = ("res2", "res3", "res4", "res5")
 ORTH_LOSS_MODES = ("paper", "official")
@@ -242,3 +244,15 @@ def validate_acm_config(cfg):
         _check_blocks(f"MODEL.{name}.BLOCKS", node.BLOCKS)
         for key, check in module.checks.items():
             check(f"MODEL.{name}.{key}", node[key])
+
+
+def load_config(config_file: str, opts=()):
+    """The one way every tool and the trainer build a yacs config: Detectron2's defaults, acm_d2's keys,
+    the file, then the `KEY VALUE` overrides, with MODEL.DEVICE made runnable (a CUDA device on a machine
+    without CUDA falls back to the CPU, with a warning: utils.device.runnable_device). Not frozen."""
+    cfg = get_cfg()
+    add_acm_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = runnable_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
+    return cfg

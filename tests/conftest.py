@@ -226,3 +226,30 @@ def train(cfg, resume=False, interrupt_at=None):
     except Interrupt:
         pass
     return losses, trainer
+
+
+def calm_attention(model):
+    """Scale every ACM's attention-logits weights by 1/10, in place; returns the model.
+
+    Random kaiming weights give logits of 50-300, a softmax that is nearly an argmax, which turns
+    onnxruntime's rounding (its own kernels) into box differences of 0.06-0.2 pixel; at 1/10 the
+    difference falls to a stock model's 0.004, so an ONNX check can be held to a tight tolerance."""
+    from acm_d2.layers import AttendAndCompare
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, AttendAndCompare):
+                for conv in (m.k_logits, m.q_logits):
+                    if conv is not None:
+                        conv.weight.mul_(0.1)
+    return model
+
+
+def import_tool(name):
+    """tools/<name>.py imported as a module, to call its functions in the test's process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

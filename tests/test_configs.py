@@ -198,3 +198,13 @@ def test_impossible_group_count_is_a_clear_error():
         match=r"res2 block 0 \(64 channels\).*MODEL.ACM.*divisible by num_groups \(128\)",
     ):
         build_model(cfg)
+
+
+def test_load_config_merges_the_overrides_and_falls_back_to_the_cpu(monkeypatch, caplog):
+    from acm_d2.config import load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = os.path.join(CONFIGS, "COCO-InstanceSegmentation", "mask_rcnn_acm_R_50_FPN_1x.yaml")
+    cfg = load_config(config, ["MODEL.DEVICE", "cuda:1", "MODEL.ACM.NUM_GROUPS", "8"])
+    assert cfg.MODEL.CONTEXT_MODULE == "ACM" and cfg.MODEL.ACM.NUM_GROUPS == 8
+    assert cfg.MODEL.DEVICE == "cpu" and "CUDA is not available" in caplog.text

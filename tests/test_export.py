@@ -2,7 +2,6 @@
 exporters, checked with onnxruntime), torch.export, fvcore's FLOP counter; with the default ACM impl,
 whose fused op must never reach a saved graph."""
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -13,7 +12,8 @@ import torch
 from detectron2.modeling import build_backbone, build_model
 
 from acm_d2.export import (
-    max_difference,
+    DetectionLimits,
+    compare_outputs,
     onnx_bytes,
     run_onnx,
     script_model,
@@ -28,7 +28,7 @@ from acm_d2.layers import (
     SqueezeExcite,
 )
 from acm_d2.layers.acm import ACM_VARIANTS
-from conftest import small_cfg
+from conftest import calm_attention, small_cfg
 
 R18 = (
     "MODEL.RESNETS.DEPTH",
@@ -47,36 +47,14 @@ R18 = (
     20,
 )
 MASK_RCNN_FPN = "COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml"
-# An exported model computes ACM's reference maths, the eager one (default impl, CPU) the fused form: equal
-# up to float rounding, which a random-weight detector amplifies chaotically (a box regression or a
-# near-tie in NMS flips). So whole detectors are compared with the same model run eagerly with the
-# reference impl (`_eager_reference`), and the default impl's eager outputs with the exported ones where
-# no detector sits in between (backbones, modules). Boxes to 0.05 pixel, the rest to 2e-3.
+# An exported ACM computes what the eager one computes on the CPU with the same operators (the fused op's
+# torch backend, or the reference), so TorchScript agrees with eager exactly; onnxruntime's kernels round
+# differently, which a random-weight detector amplifies (boxes to 0.05 pixel, the rest to 2e-3).
 
 
-def _assert_detections_close(actual: dict, expected: dict):
-    assert sorted(actual) == sorted(expected)
-    for name in expected:
-        atol = 0.05 if name.endswith("boxes") else 2e-3
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-3, atol=atol, msg=name)
-
-
-@contextlib.contextmanager
-def _eager_reference(model):
-    """Run `model` eagerly with every ACM on its reference impl (the maths an exported graph holds)."""
-    acms = [m for m in model.modules() if isinstance(m, AttendAndCompare)]
-    impls = [m.impl for m in acms]
-    for m in acms:
-        m.impl = "reference"
-    try:
-        yield model
-    finally:
-        for m, impl in zip(acms, impls):
-            m.impl = impl
-
-
-def _fields(instances):
-    return {k: v.tensor if hasattr(v, "tensor") else v for k, v in instances.get_fields().items()}
+def _assert_detections_close(actual, expected, tolerance=0.05):
+    comparison = compare_outputs(expected, actual)
+    assert comparison.passes(tolerance), comparison
 
 
 def _model(config_file, *opts):
@@ -152,7 +130,7 @@ def test_acm_backbone_scripts_and_matches_eager():
     backbone = _flat_backbone()
     images = torch.randn(1, 3, 64, 96)
     scripted = torch.jit.script(backbone.backbone)
-    assert max_difference(backbone(images), tuple(scripted(images).values())) < 1e-4
+    assert compare_outputs(backbone(images), tuple(scripted(images).values())).passes(1e-4)
 
 
 def test_fused_op_is_kept_under_torch_compile_and_left_out_of_export():
@@ -191,11 +169,10 @@ def test_fused_op_is_kept_under_torch_compile_and_left_out_of_export():
 def test_scripting_with_instances_matches_eager(config_file, opts):
     model = _model(config_file, *opts)
     image = _image()
-    with _eager_reference(model):
-        expected = scripted_outputs(model, image)
+    expected = scripted_outputs(model, image)  # default impl: the fused op on this CPU
     (actual,) = script_model(model)(({"image": image},))
     assert expected["scores"].numel() > 0
-    _assert_detections_close(actual, expected)
+    _assert_detections_close(actual, expected, tolerance=1e-4)
 
 
 def test_traced_model_runs_in_an_interpreter_without_acm_d2(tmp_path):
@@ -238,11 +215,75 @@ def test_traced_model_runs_in_an_interpreter_without_acm_d2(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
-        with _eager_reference(model):
-            expected = traceable(image)
+        expected = traceable(image)
     actual = torch.load(str(tmp_path / "outputs.pt"))
-    (actual,), (expected,) = traceable.outputs_schema(actual), traceable.outputs_schema(expected)
-    _assert_detections_close(_fields(actual["instances"]), _fields(expected["instances"]))
+    # Another process, another thread count: the same operators agree to rounding (0.006 pixel seen).
+    _assert_detections_close(traceable.outputs_schema(actual), traceable.outputs_schema(expected))
+
+
+def test_traced_acm_mask_rcnn_equals_its_eager_self_on_the_cpu():
+    # Default impl: eager runs the fused op, the traced graph its torch backend's standard operators, the
+    # same in the same order. With the reference in the graph instead, the near-argmax attention of
+    # random weights turned the rounding difference into boxes tens of pixels apart.
+    model = _model(MASK_RCNN_FPN)
+    image = _image()
+    traceable = traceable_model(model, image)
+    traced = torch.jit.trace(traceable, (image,))
+    with torch.no_grad():
+        expected, actual = traceable(image), traced(image)
+    assert expected[0].numel() > 0
+    for e, a in zip(expected, actual, strict=True):
+        assert torch.equal(e, a)
+    (scripted,) = script_model(model)(({"image": image},))
+    for name, value in scripted_outputs(model, image).items():
+        assert torch.equal(scripted[name], value), name
+
+
+def _detections(boxes, scores, classes):
+    return {
+        "pred_boxes": torch.tensor(boxes, dtype=torch.float32),
+        "scores": torch.tensor(scores),
+        "pred_classes": torch.tensor(classes),
+    }
+
+
+TWO = _detections([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 30.0]], [0.9, 0.9], [1, 2])
+
+
+def test_compare_outputs_matches_tied_detections_in_either_order():
+    swapped = {k: v.flip(0) for k, v in TWO.items()}
+    comparison = compare_outputs([TWO], [swapped])
+    assert comparison.passes(1e-6) and comparison.difference == 0, comparison
+
+
+@pytest.mark.parametrize(
+    "change, expected_problem",
+    [
+        (lambda d: d["pred_boxes"][0].add_(0.5), None),  # a moved box: over the tolerance
+        (lambda d: d["pred_classes"][1].fill_(0), "has no match"),
+        (lambda d: d["scores"][0].fill_(float("nan")), "NaN"),
+    ],
+    ids=["moved_box", "wrong_class", "nan"],
+)
+def test_compare_outputs_catches_a_real_difference(change, expected_problem):
+    actual = {k: v.clone() for k, v in TWO.items()}
+    change(actual)
+    comparison = compare_outputs([TWO], [actual])
+    assert not comparison.passes(0.05), comparison
+    if expected_problem:
+        assert any(expected_problem in p for p in comparison.problems), comparison
+
+
+def test_compare_outputs_names_a_missing_detection_unless_a_cut_off_explains_it():
+    first = {k: v[:1] for k, v in TWO.items()}
+    comparison = compare_outputs(TWO, first, DetectionLimits(0.05, 0.5, 100))
+    assert (
+        not comparison.passes(0.05)
+        and "eager detection 1 (class 2, score 0.9" in comparison.problems[0]
+    )
+    # At 1 detection per image the second one, tied with the first, may fall on either side of the cut.
+    comparison = compare_outputs(TWO, first, DetectionLimits(0.05, 0.5, 1))
+    assert comparison.passes(0.05) and "cut of 1 detections" in comparison.allowed[0], comparison
 
 
 @pytest.mark.parametrize(
@@ -256,7 +297,7 @@ def test_onnx_backbone_matches_eager_in_onnxruntime(dynamo):
     model = onnx_bytes(backbone, (images,), opset=18 if dynamo else 11, dynamo=dynamo)
     assert not {node.domain for node in onnx.load_from_string(model).graph.node} - {"", "ai.onnx"}
     with torch.no_grad():
-        assert max_difference(backbone(images), run_onnx(model, (images,))) < 1e-4
+        assert compare_outputs(backbone(images), run_onnx(model, (images,))).passes(1e-4)
 
 
 @pytest.mark.parametrize("opset", [11, 17])
@@ -264,25 +305,26 @@ def test_onnx_mask_rcnn_matches_eager_in_onnxruntime(opset):
     pytest.importorskip("onnxruntime")
     # ROIAlign (aligned=False): ONNX RoiAlign before opset 16 has no `aligned`, so Detectron2's default
     # ROIAlignV2 exports there as an approximation (for a stock model too); this model exports exactly.
-    model = _model(
-        MASK_RCNN_FPN,
-        "MODEL.ROI_BOX_HEAD.POOLER_TYPE",
-        "ROIAlign",
-        "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
-        "ROIAlign",
+    model = calm_attention(
+        _model(
+            MASK_RCNN_FPN,
+            "MODEL.ROI_BOX_HEAD.POOLER_TYPE",
+            "ROIAlign",
+            "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+            "ROIAlign",
+        )
     )
     image = _image()
     traceable = traceable_model(model, image)
     outputs = run_onnx(onnx_bytes(traceable, (image,), opset=opset), (image,))
-    with torch.no_grad(), _eager_reference(model):
+    with torch.no_grad():
         expected = traceable(image)
     instances = traceable.outputs_schema(outputs)[0]["instances"]
     eager = traceable.outputs_schema(expected)[0]["instances"]
-    assert len(instances) == len(eager) > 0
-    torch.testing.assert_close(instances.scores, eager.scores, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(
-        instances.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=1e-3, atol=0.05
-    )
+    assert len(eager) > 0
+    # Score threshold 0 and 20 detections (R18 above), Detectron2's NMS at 0.5.
+    comparison = compare_outputs(instances, eager, DetectionLimits(0.0, 0.5, 20))
+    assert comparison.passes(0.01), comparison
 
 
 def test_acm_flops_are_counted_in_every_impl():

@@ -1,6 +1,5 @@
 """Attention maps (acm_d2/visualization, tools/visualize_attention.py) and loss curves on a tiny model."""
 
-import importlib.util
 import json
 import os
 import re
@@ -20,19 +19,14 @@ from acm_d2.visualization import (
     resolve_modules,
     select_groups,
 )
-from conftest import REPO, small_cfg
+from conftest import REPO, import_tool, small_cfg
 
 DEMO_CONFIG = "Demo/mask_rcnn_acm_R_18_FPN_synthetic.yaml"
 TINY = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96]
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "visualize_attention", os.path.join(REPO, "tools", "visualize_attention.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_tool("visualize_attention")
 
 
 def softmax_reference(x, conv, groups):
@@ -237,3 +231,13 @@ def test_loss_curve_from_metrics_json(tmp_path):
     metrics.write_text(json.dumps({"iteration": 1, "lr": 0.1}) + "\n")
     with pytest.raises(ValueError, match="no total_loss or loss_"):
         plot_loss_curve(str(metrics), str(tmp_path / "x.png"))
+
+
+def test_visualize_attention_takes_trailing_overrides_and_opts():
+    parse = load_tool().parse_args
+    base = ["--config-file", "c.yaml", "--weights", "w.pth", "--input", "a.png", "--output", "vis"]
+    trailing, flag = (
+        parse([*base, "MODEL.ACM.NUM_GROUPS", "8"]),
+        parse([*base, "--opts", "MODEL.ACM.NUM_GROUPS", "8"]),
+    )
+    assert trailing.opts == flag.opts == ["MODEL.ACM.NUM_GROUPS", "8"]

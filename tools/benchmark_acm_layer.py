@@ -7,14 +7,7 @@ The logic lives in acm_d2/benchmark/layer.py.
     python tools/benchmark_acm_layer.py --device cpu          # CPU, 2x256x50x76
 """
 
-import os
-import sys
-
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # run from a checkout
-
-from acm_d2.benchmark.layer import main  # noqa: E402
+from acm_d2.benchmark.layer import main
 
 if __name__ == "__main__":
     main()

@@ -11,14 +11,7 @@ acm_d2/benchmark/model.py; its docstring says how the models are timed).
         configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml --dtype bf16 --json bench.json
 """
 
-import os
-import sys
-
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # run from a checkout
-
-from acm_d2.benchmark.model import main  # noqa: E402
+from acm_d2.benchmark.model import main
 
 if __name__ == "__main__":
     main()

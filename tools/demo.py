@@ -24,16 +24,12 @@ import time
 import cv2
 import torch
 
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # run from a checkout
-
-from acm_d2.compat import last_eval_results  # noqa: E402
-from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset  # noqa: E402
-from acm_d2.engine import Trainer, setup  # noqa: E402
-from acm_d2.utils.device import resolve_device  # noqa: E402
-from acm_d2.visualization import attention as vis  # noqa: E402
-from acm_d2.visualization.curves import plot_loss_curve  # noqa: E402
+from acm_d2.compat import last_eval_results
+from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset
+from acm_d2.engine import Trainer, setup
+from acm_d2.utils.device import resolve_device
+from acm_d2.visualization import attention as vis
+from acm_d2.visualization.curves import plot_loss_curve
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

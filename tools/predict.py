@@ -4,59 +4,81 @@ configs, without the webcam and video modes.
 
     python tools/predict.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_acm_R_50_FPN_1x.yaml \\
         --input photos/ "more/*.jpg" one.png --output output/predictions --json output/predictions.json \\
-        --confidence-threshold 0.5 --opts MODEL.WEIGHTS model_final.pth
+        --confidence-threshold 0.5 MODEL.WEIGHTS model_final.pth
 
---output writes each image with its detections drawn by Detectron2's Visualizer (same file name);
---json writes the detections in COCO's results format (image_id, category_id, bbox as x, y, w, h,
-score, segmentation as RLE), each with the file_name it came from. An input that cannot be read is
-reported by name and skipped; the exit status is then 1.
+Config overrides come last, as `KEY VALUE` pairs (as train_net and export_model take them; `--opts KEY
+VALUE ...` is the same). --output writes each image with its detections drawn by Detectron2's Visualizer
+(same file name); --json writes the detections in COCO's results format (image_id, category_id, bbox as
+x, y, w, h, score, segmentation as RLE), each with the file_name it came from, replacing the file only
+once it is complete. An input that cannot be read, or has more than --max-pixels pixels, is reported by
+name and skipped; the exit status is then 1. Paths that would overwrite an input, or two inputs that
+would give one drawing, are refused before anything runs.
 """
 
 import argparse
 import glob
 import json
 import logging
+import math
 import os
+import re
 import sys
 
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # run from a checkout
+import cv2
+import tqdm
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultPredictor
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
 
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
-from detectron2.evaluation.coco_evaluation import instances_to_coco_json  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
-
-import acm_d2  # noqa: E402  (registers the backbones and meta-architectures)
-from acm_d2.checkpoint.checkpointer import AtomicCheckpointer  # noqa: E402
+import acm_d2  # noqa: F401  (registers the backbones and meta-architectures)
+from acm_d2.checkpoint.safe_load import CheckpointError
+from acm_d2.config import load_config
+from acm_d2.data.mapper import ImageTooLargeError, read_image
+from acm_d2.engine.defaults import add_inference_weights_arguments, load_weights_for_inference
+from acm_d2.utils.files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 logger = logging.getLogger("acm_d2.predict")
 
 
+# A 12000 x 12000 PNG of 445 KB decodes to 13.6 GB in the model's float input; 50 megapixels is 8K video
+# and most camera sensors.
+DEFAULT_MAX_PIXELS = 50_000_000
+CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
 class Predictor(DefaultPredictor):
     """Detectron2's DefaultPredictor (one BGR image in, the model's output dict out), loading the
-    weights through acm_d2's checking checkpointer, which names the file when a checkpoint is unusable."""
+    weights as --eval-only does: refused when missing or when they leave parameters random."""
 
-    def __init__(self, cfg):  # DefaultPredictor.__init__ with the checkpointer replaced
+    def __init__(self, cfg, args):  # DefaultPredictor.__init__ with the checkpointer replaced
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
-        if cfg.MODEL.WEIGHTS:
-            AtomicCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        load_weights_for_inference(self.model, cfg.MODEL.WEIGHTS, args)
         self.aug = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"cfg.INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
+
+
+def _threshold(text):
+    value = float(text)
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score between 0 and 1")
+    return value
+
+
+def _pixels(text):
+    value = int(float(text))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive pixel count")
+    return value
 
 
 def parse_args(argv=None):
@@ -78,33 +100,81 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--confidence-threshold",
-        type=float,
+        type=_threshold,
         default=0.5,
-        help="minimum score of a shown or written detection",
+        help="minimum score of a shown or written detection, in [0, 1]",
     )
     parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
+        "--max-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip, by name, an image of more pixels than this (default {DEFAULT_MAX_PIXELS:.0e}): "
+        "an image is decoded whole, and a small compressed file can decode to gigabytes",
+    )
+    add_inference_weights_arguments(parser)
+    parser.add_argument(
+        "--opts",
+        dest="opts_flag",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides: KEY VALUE ... (the same as giving them last, without --opts)",
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
     )
     args = parser.parse_args(argv)
+    args.opts = args.opts + args.opts_flag
+    keys = [i for i in args.input if CONFIG_KEY.match(i) and not os.path.exists(i)]
+    if keys:
+        parser.error(
+            f"--input {keys[0]!r} looks like a config key: --input takes every word after it, so give the "
+            "KEY VALUE overrides after another option (e.g. after --output) or behind --opts"
+        )
     if not args.output and not args.json:
         parser.error("nothing to write: give --output, --json or both")
+    if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output!r} is a file; give a folder for the drawn images")
+    if args.json and os.path.isdir(args.json):
+        parser.error(f"--json {args.json!r} is a folder; give a file path")
     return args
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    acm_d2.add_acm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     # As Detectron2's demo: one threshold for every meta-architecture.
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
-        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
+
+
+def _same_file(a, b):
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_outputs(args, paths):
+    """An error message when a path this run writes is an input, or two inputs share one drawing; else None."""
+    for path in paths:
+        if args.json and _same_file(args.json, path):
+            return f"--json {args.json!r} is the input image {path!r}: writing it would destroy the image"
+    if not args.output:
+        return None
+    drawn = {}
+    for path in paths:
+        target = os.path.join(args.output, os.path.basename(path))
+        if _same_file(target, path):
+            return (
+                f"--output {args.output!r} holds the input {path!r}: its drawing would replace the image; give "
+                "another --output folder"
+            )
+        if target in drawn:
+            return (
+                f"the inputs {drawn[target]!r} and {path!r} would both be drawn to {target!r}; rename one, or "
+                "run them with different --output folders"
+            )
+        drawn[target] = path
+    return None
 
 
 def expand_inputs(patterns):
@@ -136,7 +206,18 @@ def main(argv=None) -> int:
         logger.error(
             f"--input {pattern!r}: no such file or folder, and no image matches it as a pattern"
         )
-    predictor = Predictor(cfg)
+    problem = check_outputs(args, paths)
+    if problem:  # a refusal before any work: on stderr, as argparse's errors
+        print(f"predict: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor(cfg, args)
+    except (CheckpointError, FileNotFoundError) as error:
+        print(
+            f"predict: error: {error} (--allow-random-weights runs such a model anyway)",
+            file=sys.stderr,
+        )
+        return 1
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     # Results name the dataset's category ids when the test set has them (COCO), else the model's class indices.
     to_dataset_id = {
@@ -147,7 +228,12 @@ def main(argv=None) -> int:
     results, predicted = [], 0
     for image_id, path in enumerate(tqdm.tqdm(paths, unit="image", disable=len(paths) < 2)):
         try:
-            image = read_image(path, format="BGR")
+            # training's reader (16-bit images scaled, not clipped), refusing huge images from their header
+            image = read_image(path, format="BGR", max_pixels=args.max_pixels)
+        except ImageTooLargeError as error:
+            logger.error(f"{error}; skipped (raise --max-pixels to predict it)")
+            failed.append(path)
+            continue
         except Exception as error:  # unreadable or not an image: say which, go on with the others
             logger.error(f"cannot read image {path!r} ({type(error).__name__}: {error}); skipped")
             failed.append(path)
@@ -167,11 +253,17 @@ def main(argv=None) -> int:
             drawn = Visualizer(
                 image[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE
             ).draw_instance_predictions(instances)
-            drawn.save(os.path.join(args.output, os.path.basename(path)))
+            target = os.path.join(args.output, os.path.basename(path))
+            try:  # OpenCV writes every accepted extension (matplotlib's savefig has no .bmp)
+                written = cv2.imwrite(target, drawn.get_image()[:, :, ::-1])
+            except cv2.error:
+                written = False
+            if not written:
+                logger.error(f"cannot write the drawing {target!r}; skipped")
+                failed.append(path)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f)
+        atomic_write(args.json, lambda f: json.dump(results, f), "w")
     logger.info(f"{predicted} of {len(paths)} images predicted")
     if failed:
         logger.error(f"{len(failed)} input(s) failed: {failed}")

@@ -25,16 +25,15 @@ import sys
 import tempfile
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import acm_d2  # noqa: E402
-from acm_d2.compat import last_eval_results  # noqa: E402
-from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset  # noqa: E402
-from acm_d2.engine import Trainer  # noqa: E402
+import acm_d2  # noqa: F401  (registers the backbones and meta-architectures)
+from acm_d2.compat import last_eval_results
+from acm_d2.config import load_config
+from acm_d2.data.synthetic import generate_dataset, register_synthetic_dataset
+from acm_d2.engine import Trainer
 
 CONFIG = os.path.join(
     os.path.dirname(__file__),
@@ -157,10 +156,8 @@ def main(argv=None):
         os.path.join(output, "data"), num_train=64, num_val=16, image_size=96, seed=0
     )
     train_name, val_name = register_synthetic_dataset("soak", splits)
-    cfg = get_cfg()
-    acm_d2.add_acm_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(
+    cfg = load_config(
+        CONFIG,
         SMALL
         + [
             "MODEL.DEVICE",
@@ -177,7 +174,7 @@ def main(argv=None):
             (val_name,),
             "OUTPUT_DIR",
             output,
-        ]
+        ],
     )
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)

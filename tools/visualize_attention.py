@@ -3,7 +3,7 @@
 
     python tools/visualize_attention.py --config-file configs/Demo/mask_rcnn_acm_R_18_FPN_synthetic.yaml \
         --weights output/demo/model_final.pth --input a.png b.png --output vis/ \
-        [--module res4.1 ...] [--group 3 ...] [--annotations val.json [--top 2]] [--opts KEY VALUE ...]
+        [--module res4.1 ...] [--group 3 ...] [--annotations val.json [--top 2]] [KEY VALUE ...]
 
 For each image, <output>/<image name>_attention.png has a row per (module, group) with the image and its
 K and Q maps overlaid. Groups: --group, else with --annotations (a COCO JSON holding the images, matched by
@@ -14,12 +14,6 @@ else every group. Module: --module (a full name or a suffix such as res4.1), els
 import argparse
 import os
 import sys
-
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # run from a checkout
-
-import cv2  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,11 +45,17 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--opts",
+        dest="opts_flag",
         nargs=argparse.REMAINDER,
         default=[],
-        help="config overrides, KEY VALUE pairs (last)",
+        help="config overrides: KEY VALUE ... (the same as giving them last, without --opts)",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ... (last)"
+    )
+    args = p.parse_args(argv)
+    args.opts = args.opts + args.opts_flag
+    return args
 
 
 def fail(message):
@@ -92,26 +92,24 @@ def main(argv=None):
         fail(
             f"--output {args.output!r} is a file; give a folder (it receives one <image name>_attention.png per image)"
         )
-    images = {}
-    for path in args.input:
-        image = cv2.imread(path) if os.path.isfile(path) else None
-        if image is None:
-            fail(f"input image {path!r} does not exist or is not an image")
-        images[path] = image
-
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    import acm_d2
     from acm_d2.checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
+    from acm_d2.config import load_config
+    from acm_d2.data.mapper import read_image
+
+    images = {}
+    for path in args.input:
+        try:  # training's reader: a 16-bit image is scaled, not clipped
+            images[path] = read_image(path, format="BGR")
+        except (OSError, ValueError):
+            fail(f"input image {path!r} does not exist or is not an image")
+
     from acm_d2.checkpoint.safe_load import TRUST_ENV
     from acm_d2.utils.device import resolve_device
     from acm_d2.visualization import attention as vis
 
-    cfg = get_cfg()
-    acm_d2.add_acm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = resolve_device(args.device)
     model = build_model(cfg).eval()

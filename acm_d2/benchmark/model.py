@@ -28,13 +28,12 @@ import time
 
 import detectron2
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from .. import __version__ as acm_d2_version
-from ..config import add_acm_config
+from ..config import load_config
 
 # The configs live in the source checkout beside the package (they are not installed with it).
 CONFIG_ROOT = os.path.join(
@@ -120,12 +119,10 @@ def model_specs(args):
 
 
 def build(config_file, opts, device):
-    cfg = get_cfg()
-    add_acm_config(cfg)
-    cfg.merge_from_file(config_file)
     # Score threshold 0: every model keeps its full quota of detections at inference, so the heads do the
     # same work whatever scores the random weights give (else the mask head's cost varies between models).
-    cfg.merge_from_list(
+    cfg = load_config(
+        config_file,
         [
             "MODEL.WEIGHTS",
             "",
@@ -136,7 +133,7 @@ def build(config_file, opts, device):
             "MODEL.RETINANET.SCORE_THRESH_TEST",
             0.0,
             *opts,
-        ]
+        ],
     )
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from ..compat import transform_annotations
 
-__all__ = ["read_image", "DatasetMapper", "instance_mask_format"]
+__all__ = ["read_image", "ImageTooLargeError", "DatasetMapper", "instance_mask_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,23 @@ def _to_8_bits(image: Image.Image, file_name: str) -> Image.Image:
     return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
 
 
-def read_image(file_name: str, format=None) -> np.ndarray:
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the reader was allowed to decode."""
+
+
+def read_image(file_name: str, format=None, max_pixels=None) -> np.ndarray:
     """detection_utils.read_image(file_name, format), except that a 16-bit grayscale image is scaled to
-    8 bits first, and that a file it cannot read raises an OSError naming the file."""
+    8 bits first, and that a file it cannot read raises an OSError naming the file. With `max_pixels`, an
+    image of more pixels is refused from its header, before it is decoded (ImageTooLargeError): a small
+    compressed file can decode to gigabytes."""
     try:
         with PathManager.open(file_name, "rb") as f:
             image = Image.open(f)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{file_name}: {image.width} x {image.height} = {image.width * image.height} pixels, over "
+                    f"the limit of {max_pixels}"
+                )
             if image.mode in SIXTEEN_BIT_MODES:
                 # ImageOps.exif_transpose: Detectron2's EXIF handling, minus its workaround for Pillow < 6.
                 return utils.convert_PIL_to_numpy(

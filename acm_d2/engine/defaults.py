@@ -1,20 +1,19 @@
 """Config and dataset set-up shared by tools/train_net.py, tools/lazyconfig_train_net.py and the demo."""
 
 import argparse
-import logging
 import os
 
-import torch
-from detectron2.config import LazyConfig, get_cfg
+from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import AtomicCheckpointer, CheckpointError
 from ..checkpoint.safe_load import TRUST_ENV, TRUST_FLAG_HELP
-from ..config import add_acm_config
+from ..config import load_config
 from ..data.datasets import register_coco_dataset
 from ..data.validate import AUTO_CHECK_MAX_IMAGES
+from ..utils.device import runnable_device
 from .output_lock import lock_output_dir_on_main_process
 
 __all__ = [
@@ -23,6 +22,8 @@ __all__ = [
     "setup_lazy",
     "register_datasets",
     "load_weights_for_evaluation",
+    "add_inference_weights_arguments",
+    "load_weights_for_inference",
 ]
 
 
@@ -68,21 +69,13 @@ def setup(args):
     the shipped configs run anywhere. OUTPUT_DIR is locked for this run (acm_d2.engine.output_lock)
     before anything is written there.
     """
-    cfg = get_cfg()
-    add_acm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE, fallback = _available(cfg.MODEL.DEVICE)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     _trust_checkpoints_if_asked(args)
     lock_output_dir_on_main_process(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     # default_setup logs "detectron2" and "fvcore"; acm_d2's own messages go to the same console and log file.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2")
-    if fallback:
-        logging.getLogger("acm_d2").warning(
-            "CUDA is not available: running on the CPU (MODEL.DEVICE cpu)"
-        )
     return cfg
 
 
@@ -90,14 +83,10 @@ def setup_lazy(args):
     """setup() for a Python (LazyConfig) config file: loaded, `key=value` overrides applied, the same
     CPU fallback (train.device), logging set up."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    cfg.train.device, fallback = _available(cfg.train.device)
+    cfg.train.device = runnable_device(cfg.train.device, "train.device")
     _trust_checkpoints_if_asked(args)
     lock_output_dir_on_main_process(cfg.train.output_dir)
     default_setup(cfg, args)
-    if fallback:
-        logging.getLogger("acm_d2").warning(
-            "CUDA is not available: running on the CPU (train.device cpu)"
-        )
     return cfg
 
 
@@ -127,8 +116,29 @@ def load_weights_for_evaluation(
     checkpointer.resume_or_load(weights, resume=args.resume)
 
 
-def _available(device: str):
-    """(device, False), or ("cpu", True) for a CUDA device on a machine without CUDA."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu", True
-    return device, False
+def add_inference_weights_arguments(parser) -> None:
+    """predict's and export's `--trust-checkpoint` and `--allow-random-weights`, as --eval-only has them."""
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="run without MODEL.WEIGHTS, or with weights that leave parameters at their random "
+        "initialisation (a baseline checkpoint under an ACM config, another NUM_CLASSES); refused by default",
+    )
+
+
+def load_weights_for_inference(model, weights: str, args, weights_key="MODEL.WEIGHTS") -> None:
+    """Load `weights` into `model` for predict and export, refusing what --eval-only refuses: no weights,
+    or weights that leave any parameter at its random initialisation (CheckpointError naming the file
+    and keys), unless args.allow_random_weights. Honours args.trust_checkpoint."""
+    _trust_checkpoints_if_asked(args)
+    allow_random = getattr(args, "allow_random_weights", False)
+    if not weights:
+        if allow_random:
+            return
+        raise CheckpointError(
+            f"{weights_key} is empty: the model would be randomly initialised; set {weights_key} to a "
+            "trained checkpoint (e.g. OUTPUT_DIR/model_final.pth), or pass --allow-random-weights to run a "
+            "random model on purpose"
+        )
+    AtomicCheckpointer(model, require_complete=not allow_random).load(weights)

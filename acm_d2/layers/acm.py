@@ -25,11 +25,16 @@ autocast included: under fp16 the logits and the HW-long sums overflow or lose t
 `impl` picks the reference below or the fused form of acm_fused/ (same function, analytic backward
 that recomputes the attention instead of storing it; Triton kernels on CUDA). The fused op is a
 training and eager-speed device, not a deployment format: while a graph is captured for deployment
-(TorchScript scripting or tracing, ONNX export, torch.export) the module computes the reference with
-standard operators only, so the saved graph runs where acm_d2 is not installed (libtorch,
-onnxruntime) and counts in fvcore's FLOP counter. torch.compile still gets the fused op, as one node.
-The reference is written with matmul rather than einsum because ONNX has no einsum before opset 12
-and Detectron2 exports at opset 11.
+(TorchScript scripting or tracing, ONNX export, torch.export) the module writes standard operators
+only, so the saved graph runs where acm_d2 is not installed (libtorch, onnxruntime) and counts in
+fvcore's FLOP counter. In eval mode those are the operators of the fused op's torch backend
+(`torch_backend.forward_for_export`) wherever eager would run the fused op, so that an exported
+model computes what its eager self computes on the CPU bit for bit: ACM's untrained attention logits
+reach the hundreds, the softmax is then nearly an argmax, and the rounding difference between the
+two forms would change which detections a random-weight detector keeps. Elsewhere (impl
+"reference", "p_only", training mode) the graph holds the reference. torch.compile still gets the
+fused op, as one node. Both are written with matmul rather than einsum because ONNX has no einsum
+before opset 12 and Detectron2 exports at opset 11.
 """
 
 from typing import List, Optional
@@ -40,6 +45,7 @@ from torch.nn import functional as F
 
 from ._precision import at_least_float32
 from .acm_fused import FUSED_VARIANTS, acm_fused, triton_available
+from .acm_fused.torch_backend import forward_for_export
 
 __all__ = ["AttendAndCompare", "ACM_VARIANTS", "ACM_IMPLS"]
 
@@ -161,8 +167,9 @@ class AttendAndCompare(nn.Module):
         return f"channels={self.channels}, num_groups={self.num_groups}, reduction={self.reduction}, variant={self.variant!r}, impl={self.impl!r}"
 
     def uses_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) takes the fused path (never while a graph is captured for deployment)."""
-        if self.impl == "reference" or self.variant not in FUSED_VARIANTS or _capturing_graph():
+        """Whether forward(x) computes the fused op's maths: eagerly with the op, while a graph is
+        captured for deployment (eval mode) with the standard operators of its torch backend."""
+        if self.impl == "reference" or self.variant not in FUSED_VARIANTS:
             return False
         if self.impl == "fused":
             return True
@@ -175,12 +182,18 @@ class AttendAndCompare(nn.Module):
             raise ValueError(
                 f"ACM built for {self.channels} channels got an input with {x.shape[1]}"
             )
-        # TorchScript compiles only this branch: the fused op is no deployment format, and an autocast region
-        # needs a device type known at compile time, so a scripted model runs the reference as it is.
+        # TorchScript compiles only this branch: the fused op is no deployment format, and an autocast
+        # region needs a device type known at compile time. Whether Triton is installed is no question a
+        # scripted model can ask, so in eval mode it computes the fused maths whenever the impl allows it.
         if torch.jit.is_scripting():
+            if not self.training and self.impl != "reference":
+                return self._forward_for_export(x)
             return self._forward_reference(x)
         if self.uses_fused(x):
-            return self._forward_fused(x)
+            if not _capturing_graph():
+                return self._forward_fused(x)
+            if not self.training:
+                return self._forward_for_export(x)
         with torch.autocast(
             device_type=x.device.type, enabled=False
         ):  # float32 whatever autocast says
@@ -200,6 +213,23 @@ class AttendAndCompare(nn.Module):
             need_orth=self.training and self.has_orth_term,
         )
         return y
+
+    def _forward_for_export(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused op's y in standard operators (no orthogonality term: eval mode only)."""
+        k, q, p1, p2 = self.k_logits, self.q_logits, self.p_reduce, self.p_expand
+        if k is None:  # "p_only" has no attention to fuse
+            return self._forward_reference(x)
+        p_params: Optional[List[torch.Tensor]] = None
+        if p1 is not None and p2 is not None:
+            b1, b2 = p1.bias, p2.bias
+            assert (
+                b1 is not None and b2 is not None
+            )  # built with biases; refines the types for TorchScript
+            p_params = [p1.weight, b1, p2.weight, b2]
+        self.orth_term = None
+        return forward_for_export(
+            x, k.weight, q.weight if q is not None else None, p_params, self.num_groups
+        )
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

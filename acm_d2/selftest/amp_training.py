@@ -13,11 +13,10 @@ _DATASET_PREFIX = "acm_selftest"
 
 def section_amp_training(ctx: Context) -> dict:
     """The demo config trained with the project's Trainer; NonFiniteLossError is the finding, not an error."""
-    from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog
 
     from ..benchmark.model import CONFIG_ROOT
-    from ..config import add_acm_config
+    from ..config import load_config
     from ..data.synthetic import generate_dataset, register_synthetic_dataset
     from ..engine import NonFiniteLossError, Trainer
 
@@ -33,12 +32,8 @@ def section_amp_training(ctx: Context) -> dict:
     runs = {}
     for module in ("ACM", "none"):
         for precision in precisions:
-            cfg = get_cfg()
-            add_acm_config(cfg)
-            cfg.merge_from_file(
-                os.path.join(CONFIG_ROOT, "Demo", "mask_rcnn_acm_R_18_FPN_synthetic.yaml")
-            )
-            cfg.merge_from_list(
+            cfg = load_config(
+                os.path.join(CONFIG_ROOT, "Demo", "mask_rcnn_acm_R_18_FPN_synthetic.yaml"),
                 [
                     "MODEL.DEVICE",
                     str(ctx.device),
@@ -58,7 +53,7 @@ def section_amp_training(ctx: Context) -> dict:
                     1 if ctx.cuda else 0,
                     "OUTPUT_DIR",
                     os.path.join(ctx.workdir, "amp_training"),
-                ]
+                ],
             )
             cfg.freeze()
             label = f"{module} {precision}"

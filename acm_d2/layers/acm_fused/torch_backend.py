@@ -4,12 +4,12 @@ Runs on any device; the CPU default and the fallback where Triton cannot run. Ch
 are read through one NCHW copy and y / dx are returned channels-last, as the op promises.
 """
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["forward", "backward", "grad_layout"]
+__all__ = ["forward", "backward", "grad_layout", "forward_for_export"]
 
 
 def grad_layout(C: int, G: int, J: int, hidden: int) -> Tuple[Tuple[int, ...], int]:
@@ -92,6 +92,43 @@ def forward(x, k_weight, q_weight, p_params, num_groups, need_orth):
         lse,
         p.reshape(B, G * Cg) if p_params else p,
     )
+
+
+def forward_for_export(
+    x: Tensor,
+    k_weight: Tensor,
+    q_weight: Optional[Tensor],
+    p_params: Optional[List[Tensor]],
+    num_groups: int,
+) -> Tensor:
+    """y of `forward`, from the same operators in the same order, written for graph capture: it
+    scripts, traces and exports to ONNX at opset 11 (no einsum, no out=, no in-place op), so an
+    exported ACM computes what the eager fused op computes on the CPU. P's grouped products are
+    written as the batched matmuls that `forward`'s einsums dispatch to, which give the same bits
+    (tests/test_export.py compares a traced Mask R-CNN with its eager self)."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    B, C, H, W = x.shape
+    xg = x.to(dt).reshape(B, num_groups, C // num_groups, H * W)
+    w = [k_weight] if q_weight is None else [k_weight, q_weight]
+    w = torch.stack([t.view(num_groups, -1) for t in w], 1).to(dt)  # G x J x Cg
+    # Expanded as matmul's broadcast does, so that fvcore's FLOP counter sees the batch too.
+    logits = w.expand(B, -1, -1, -1) @ xg  # B x G x J x N
+    attn = (logits - logits.logsumexp(-1)[..., None]).exp()
+    pooled = attn @ xg.transpose(-1, -2)  # B x G x J x Cg
+    mu = xg.mean(-1)
+    shift = pooled[:, :, 0] - (pooled[:, :, 1] if q_weight is not None else mu)
+    if p_params is None:
+        y = xg + shift[..., None]
+    else:
+        w1, b1, w2, b2 = [t.to(dt) for t in p_params]
+        Cg = C // num_groups
+        # G-batched products over the B samples: G x B x Cg @ G x Cg x Hg, then G x B x Hg @ G x Hg x Cg.
+        z1 = (mu.transpose(0, 1) @ w1.view(num_groups, -1, Cg).transpose(1, 2)).transpose(0, 1)
+        h = (z1 + b1.view(num_groups, -1)).relu()
+        z2 = (h.transpose(0, 1) @ w2.view(num_groups, Cg, -1).transpose(1, 2)).transpose(0, 1)
+        p = torch.sigmoid(z2 + b2.view(num_groups, Cg))
+        y = torch.addcmul((p * shift)[..., None], xg, p[..., None])
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def _orth_term(mu: Tensor, pooled: Tensor) -> Tensor:
