@@ -6,6 +6,9 @@ the whole process group) raised KeyboardInterrupt in it while the workers kept t
 waited for them at exit; a SIGTERM killed the launcher and left the workers training as orphans. Here
 either signal stops every worker of this machine (SIGTERM, then SIGKILL after a grace period) and the
 launcher exits with 128 + the signal number.
+
+launch_from_args is what the tools call: it runs a process that torchrun or srun started through
+acm_d2.engine.cluster, and everything else through launch().
 """
 
 import logging
@@ -13,9 +16,12 @@ import multiprocessing
 import signal
 import sys
 
+import torch
 from detectron2.engine import launch as detectron2_launch
 
-__all__ = ["launch", "WORKER_STOP_GRACE_S"]
+from .cluster import ClusterLaunchError, restart_count, run_started_worker, started_by
+
+__all__ = ["launch", "launch_from_args", "WORKER_STOP_GRACE_S"]
 
 WORKER_STOP_GRACE_S = 10.0  # how long a worker may take to exit on SIGTERM before it is killed
 
@@ -73,3 +79,38 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, **kwargs):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def launch_from_args(main_func, args):
+    """main_func(args) as the command line (acm_d2.engine.argument_parser) asks: in a process that
+    torchrun or srun started (acm_d2.engine.cluster; `--num-gpus` is then an error), else through
+    launch() with --num-gpus (default 1), --num-machines, --machine-rank and --dist-url."""
+    launcher = started_by()
+    if launcher == "srun" and args.num_gpus is not None:
+        launcher = (
+            None  # one srun task per node, each spawning --num-gpus workers: Detectron2's way
+        )
+    if launcher:
+        return run_started_worker(main_func, args, launcher, args.rendezvous_timeout)
+    num_gpus = 1 if args.num_gpus is None else args.num_gpus
+    if num_gpus > 1 and torch.cuda.is_available() and num_gpus > torch.cuda.device_count():
+        raise ClusterLaunchError(
+            f"--num-gpus {num_gpus} but this machine has {torch.cuda.device_count()} visible GPUs: "
+            "give at most that many (or check CUDA_VISIBLE_DEVICES)"
+        )
+    if restart_count() and not args.resume:
+        print(
+            f"Restart {restart_count()} of this job (SLURM requeue): resuming from the last "
+            "checkpoint of OUTPUT_DIR",
+            file=sys.stderr,
+            flush=True,
+        )
+        args.resume = True
+    return launch(
+        main_func,
+        num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
