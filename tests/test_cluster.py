@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -47,14 +48,38 @@ def clean_env(**extra):
     return dict(env, **extra)
 
 
-def start(cmd, **env):
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(**env)
+def start(cmd, pipe=False, **env):
+    """cmd in its own process group (so that a test that fails can stop all of it), its output in a
+    file; `pipe`: in proc.stdout, which the caller must then read as it comes (a full pipe blocks)."""
+    output = subprocess.PIPE if pipe else tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=clean_env(**env),
+        start_new_session=True,
     )
+    proc.output = None if pipe else output
+    return proc
 
 
-def finish(proc, expected=0):
-    log = proc.communicate(timeout=600)[0]
+def finish(proc, expected=0, timeout=300):
+    """Wait for proc; it must exit with `expected`. Its output (what was not read from a pipe yet)."""
+    try:
+        log = proc.communicate(timeout=timeout)[0] or ""
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0] or ""
+        failure = f"still running after {timeout} s"
+    else:
+        failure = None
+    if proc.output is not None:
+        proc.output.seek(0)
+        log = proc.output.read()
+        proc.output.close()
+    if failure:
+        pytest.fail(f"{failure}:\n{log[-8000:]}")
     assert proc.returncode == expected, log[-5000:]
     return log
 
@@ -96,7 +121,9 @@ def test_killed_worker_under_max_restarts_resumes_bit_identically(
     # No --resume: the restarted workers resume by themselves (TORCHELASTIC_RESTART_COUNT).
     cmd = train_net_command(tiny_dataset, tmp_path, opts=[*SHORT, "SOLVER.CHECKPOINT_PERIOD", "1"])
     proc = start(torchrun("--standalone", "--nproc_per_node", "2", "--max-restarts", "1", *cmd[1:]))
+    deadline = time.time() + 300
     while not (tmp_path / "model_0000000.pth").exists() and proc.poll() is None:
+        assert time.time() < deadline, finish(proc, timeout=1)
         time.sleep(0.02)
     workers = child_pids(proc.pid)
     assert len(workers) == 2, finish(proc)
@@ -181,7 +208,9 @@ def test_preemption_signal_checkpoints_exits_for_requeue_and_resumes_exactly(
     out = tmp_path / "preempted"
     many = ["SOLVER.MAX_ITER", "1000", "DATASETS.TEST", "()"]
     cmd = train_net_command(tiny_dataset, out, opts=many, wrapper=str(wrapper))
-    proc = start(cmd, SLURM_JOB_ID="4242", PATH=path)  # a one-task SLURM job: its batch script
+    proc = start(
+        cmd, pipe=True, SLURM_JOB_ID="4242", PATH=path
+    )  # a one-task SLURM job: its batch script
     log = []
     for line in proc.stdout:
         log.append(line)

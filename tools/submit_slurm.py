@@ -161,7 +161,7 @@ def main(argv=None):
     print(f"Submitted job {job.job_id}: {args.nodes} node(s) x {args.gpus_per_node} task(s)")
     print(f"Logs: {job.paths.stdout} (and .err); submitit's files: {job.paths.folder}")
     if args.cluster in ("local", "debug"):
-        job.result()  # the tasks run on this machine: wait for them (raises if one failed)
+        job.results()  # the tasks run on this machine: wait for them (raises if one failed)
     return job
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "ClusterLaunchError",
     "started_by",
     "restart_count",
+    "resume_after_restart",
     "run_started_worker",
     "DEFAULT_RENDEZVOUS_TIMEOUT_S",
 ]
@@ -64,6 +65,17 @@ def restart_count() -> int:
         int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
         int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
     )
+
+
+def resume_after_restart(args) -> None:
+    """Training in a restarted or requeued job (restart_count() > 0) resumes from OUTPUT_DIR's last
+    checkpoint, as if `--resume` was given (an evaluation keeps the weights it was given)."""
+    if restart_count() and not args.resume and not args.eval_only:
+        logger.warning(
+            f"Restart {restart_count()} of this job (by torchelastic or a SLURM requeue): resuming "
+            "from the last checkpoint of OUTPUT_DIR"
+        )
+        args.resume = True
 
 
 def _export_slurm_environment() -> None:
@@ -159,12 +171,7 @@ def run_started_worker(main_func, args, launcher: str, rendezvous_timeout_s: flo
         _export_slurm_environment()
     use_cuda = torch.cuda.is_available()
     rank, world, local_rank, local_world = _layout(use_cuda)
-    if restart_count() and not args.resume:
-        logger.warning(
-            f"Restart {restart_count()} of this job (by torchelastic or a SLURM requeue): resuming "
-            "from the last checkpoint of OUTPUT_DIR"
-        )
-        args.resume = True
+    resume_after_restart(args)
     if use_cuda:
         torch.cuda.set_device(local_rank if torch.cuda.device_count() > 1 else 0)
     host, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
@@ -191,13 +198,8 @@ def run_started_worker(main_func, args, launcher: str, rendezvous_timeout_s: flo
         world_size=world,
         timeout=DEFAULT_TIMEOUT,
     )
-    try:
-        comm.create_local_process_group(local_world)
-        comm.synchronize()
-        logger.info(
-            f"Started by {launcher}: rank {rank} of {world}, local rank {local_rank} of {local_world}, "
-            f"rendezvous {host}:{port}"
-        )
-        return main_func(args)
-    finally:
-        dist.destroy_process_group()
+    comm.create_local_process_group(local_world)
+    comm.synchronize()
+    result = main_func(args)
+    dist.destroy_process_group()  # as PyTorch asks of a process that ends normally
+    return result

@@ -19,7 +19,7 @@ import sys
 import torch
 from detectron2.engine import launch as detectron2_launch
 
-from .cluster import ClusterLaunchError, restart_count, run_started_worker, started_by
+from .cluster import ClusterLaunchError, resume_after_restart, run_started_worker, started_by
 
 __all__ = ["launch", "launch_from_args", "WORKER_STOP_GRACE_S"]
 
@@ -98,14 +98,7 @@ def launch_from_args(main_func, args):
             f"--num-gpus {num_gpus} but this machine has {torch.cuda.device_count()} visible GPUs: "
             "give at most that many (or check CUDA_VISIBLE_DEVICES)"
         )
-    if restart_count() and not args.resume:
-        print(
-            f"Restart {restart_count()} of this job (SLURM requeue): resuming from the last "
-            "checkpoint of OUTPUT_DIR",
-            file=sys.stderr,
-            flush=True,
-        )
-        args.resume = True
+    resume_after_restart(args)
     return launch(
         main_func,
         num_gpus,
