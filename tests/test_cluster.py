@@ -340,7 +340,7 @@ def test_unreachable_rendezvous_times_out_naming_host_and_port(monkeypatch):
     begin = time.time()
     with pytest.raises(
         ClusterLaunchError,
-        match=f"rank 1 of 2 could not reach it: the rendezvous at 127.0.0.1:{port}",
+        match=f"rank 1 of 2 could not reach the rendezvous at 127.0.0.1:{port}",
     ):
         launch_from_args(never_called, parse("--rendezvous-timeout", "1"))
     assert time.time() - begin < 30

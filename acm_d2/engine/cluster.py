@@ -18,6 +18,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
 __all__ = [
@@ -180,17 +181,15 @@ def run_started_worker(main_func, args, launcher: str, rendezvous_timeout_s: flo
         # torch's own env:// rendezvous: under torchrun it joins the agent's store, else rank 0 serves one.
         store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
     except (RuntimeError, TimeoutError) as error:
-        role = "serve it (rank 0)" if rank == 0 else "reach it"
+        role = "serve" if rank == 0 else "reach"
         raise ClusterLaunchError(
-            f"rank {rank} of {world} could not {role}: the rendezvous at {host}:{port} (MASTER_ADDR:"
-            f"MASTER_PORT) did not complete within {rendezvous_timeout_s:g} s ({error}). Check that "
+            f"rank {rank} of {world} could not {role} the rendezvous at {host}:{port} (MASTER_ADDR:"
+            f"MASTER_PORT) within {rendezvous_timeout_s:g} s ({error}). Check that "
             "every node can reach that host and port (firewall, the right network interface), that "
             "all processes were started, and that no other job uses the port; raise "
             "--rendezvous-timeout if nodes start far apart"
         ) from None
-    # Detectron2's launch uses its DEFAULT_TIMEOUT for collectives; the rendezvous has its own above.
-    from detectron2.engine.launch import DEFAULT_TIMEOUT
-
+    # Collectives time out as under Detectron2's launch; the rendezvous has its own limit above.
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
         store=store,
