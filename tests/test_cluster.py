@@ -236,6 +236,37 @@ def test_preemption_signal_checkpoints_exits_for_requeue_and_resumes_exactly(
     assert_same_weights(out / "model_final.pth", reference / "model_final.pth")
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(tiny_dataset, tmp_path):
+    bin_dir = tmp_path / "bin"
+    path = fake_commands(bin_dir, scontrol=FAKE_SCONTROL)
+    out = tmp_path / "out"
+    cmd = train_net_command(
+        tiny_dataset, out, opts=["SOLVER.MAX_ITER", "1000", "DATASETS.TEST", "()"]
+    )
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1")
+    slurm.update(SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    procs = [
+        start(cmd, pipe=r == 0, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), PATH=path, **slurm)
+        for r in (0, 1)
+    ]
+    ready = "checkpoint at the next iteration boundary"  # the handlers are installed
+    for line in procs[0].stdout:
+        if ready in line:
+            break
+    rank1_log = out / "log.txt.rank1"  # rank 1 logs only to its file
+    deadline = time.time() + 60
+    while not (rank1_log.exists() and ready in rank1_log.read_text()):
+        assert time.time() < deadline and procs[1].poll() is None, finish(procs[1], timeout=1)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGUSR1)  # rank 1 only
+    log0 = finish(procs[0], PREEMPTED_EXIT_CODE)
+    finish(procs[1], PREEMPTED_EXIT_CODE)
+    stopped = (out / "last_checkpoint").read_text()[len("model_") : -len(".pth")]
+    message = f"SIGUSR1: stopping after iteration {int(stopped)}, writing model_{stopped}.pth"
+    assert message in log0 and message in rank1_log.read_text()
+    assert (bin_dir / "scontrol.calls").read_text() == "requeue 4242\n"  # by rank 0 alone
+
+
 FAKE_SBATCH = """#!/bin/sh
 for last; do :; done
 cp "$last" "$(dirname "$0")/submitted.sh"

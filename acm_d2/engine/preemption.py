@@ -3,8 +3,8 @@
 SLURM warns a job before its time limit with the signal of `--signal` (SIGUSR1 here; submitit's jobs
 use submitit's, SIGUSR2 by default) and stops a preempted or cancelled job with SIGTERM; torchrun
 forwards SIGTERM to its workers. On any of these, PreemptionCheckpointer lets the current iteration
-finish; then every rank agrees to stop after the same iteration (one all-reduce of a flag per step),
-the main process writes `model_<iteration>.pth` atomically (acm_d2.checkpoint.checkpointer) and every
+finish; then every rank agrees to stop after the same iteration on the same signal (one all-reduce
+of the signal number per step, so a signal that reached one rank stops all), the main process writes `model_<iteration>.pth` atomically (acm_d2.checkpoint.checkpointer) and every
 rank waits for it, and training ends with Preempted: the process exits with PREEMPTED_EXIT_CODE and the
 next `--resume` (automatic after a SLURM requeue or a torchelastic restart) continues exactly.
 
@@ -98,31 +98,30 @@ class PreemptionCheckpointer(HookBase):
         self._previous = {}
 
     # ---- stopping ----------------------------------------------------------------------------------
-    def _stop_everywhere(self) -> bool:
-        """Whether any rank received a signal; the same answer on every rank."""
-        received = self._received is not None
-        if comm.get_world_size() == 1:
-            return received
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else torch.device("cpu")
-        )
-        flag = torch.tensor([int(received)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _agreed_signal(self):
+        """The signal to stop on, the same on every rank: the one received (the highest number where
+        ranks received different ones), or None."""
+        received = self._received or 0
+        if comm.get_world_size() > 1:
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if dist.get_backend() == "nccl"
+                else torch.device("cpu")
+            )
+            flag = torch.tensor([received], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = int(flag.item())
+        return signal.Signals(received) if received else None
 
     def after_step(self):
-        if not self._previous or not self._stop_everywhere():
-            return
+        signum = self._agreed_signal()  # on every rank, every step: it is a collective
         trainer = self.trainer
-        if trainer.iter + 1 >= trainer.max_iter:
-            return  # the last iteration: training ends now and writes model_final as usual
+        if signum is None or trainer.iter + 1 >= trainer.max_iter:
+            return  # no signal, or the last iteration: training ends now, writing model_final
         self._stopping = True
-        signum = self._received or signal.SIGTERM  # a rank that got none stops for the others
         name = f"model_{trainer.iter:07d}"
         logger.warning(
-            f"{signal.Signals(signum).name}: stopping after iteration {trainer.iter}, writing {name}.pth"
+            f"{signum.name}: stopping after iteration {trainer.iter}, writing {name}.pth"
         )
         (self._checkpointer or trainer.checkpointer).save(name, iteration=trainer.iter)
         comm.synchronize()  # no rank exits (which would make torchrun stop the rest) before it is saved
