@@ -236,6 +236,14 @@ def test_preemption_signal_checkpoints_exits_for_requeue_and_resumes_exactly(
     assert_same_weights(out / "model_final.pth", reference / "model_final.pth")
 
 
+def wait_for(text, log_file, proc, timeout=120):
+    """Until log_file (a rank > 0 logs only to its file) holds text; proc must stay alive meanwhile."""
+    deadline = time.time() + timeout
+    while not (log_file.exists() and text in log_file.read_text()):
+        assert time.time() < deadline and proc.poll() is None, finish(proc, timeout=1)
+        time.sleep(0.05)
+
+
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(tiny_dataset, tmp_path):
     bin_dir = tmp_path / "bin"
     path = fake_commands(bin_dir, scontrol=FAKE_SCONTROL)
@@ -254,10 +262,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(tiny_dat
         if ready in line:
             break
     rank1_log = out / "log.txt.rank1"  # rank 1 logs only to its file
-    deadline = time.time() + 60
-    while not (rank1_log.exists() and ready in rank1_log.read_text()):
-        assert time.time() < deadline and procs[1].poll() is None, finish(procs[1], timeout=1)
-        time.sleep(0.05)
+    wait_for(ready, rank1_log, procs[1])
     procs[1].send_signal(signal.SIGUSR1)  # rank 1 only
     log0 = finish(procs[0], PREEMPTED_EXIT_CODE)
     finish(procs[1], PREEMPTED_EXIT_CODE)
@@ -265,6 +270,26 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(tiny_dat
     message = f"SIGUSR1: stopping after iteration {int(stopped)}, writing model_{stopped}.pth"
     assert message in log0 and message in rank1_log.read_text()
     assert (bin_dir / "scontrol.calls").read_text() == "requeue 4242\n"  # by rank 0 alone
+
+
+def test_sigusr1_to_the_launcher_of_num_gpus_2_checkpoints_and_exits_for_requeue(
+    tiny_dataset, tmp_path
+):
+    path = fake_commands(tmp_path / "bin", scontrol=FAKE_SCONTROL)
+    out = tmp_path / "out"
+    many = ["SOLVER.MAX_ITER", "1000", "DATASETS.TEST", "()"]
+    cmd = train_net_command(tiny_dataset, out, "--num-gpus", "2", opts=many)
+    proc = start(cmd, pipe=True, SLURM_JOB_ID="4242", PATH=path)  # one task: the batch script
+    for line in proc.stdout:
+        if "checkpoint at the next iteration boundary" in line:  # rank 0's handlers are installed
+            break
+    wait_for("checkpoint at the next iteration boundary", out / "log.txt.rank1", proc)
+    proc.send_signal(signal.SIGUSR1)  # the launcher alone, which passes it on
+    log = finish(proc, PREEMPTED_EXIT_CODE)
+    last = (out / "last_checkpoint").read_text()
+    assert f"writing {last}" in log
+    torch.load(out / last, weights_only=True)  # complete
+    assert (tmp_path / "bin" / "scontrol.calls").read_text() == "requeue 4242\n"
 
 
 FAKE_SBATCH = """#!/bin/sh
