@@ -189,6 +189,11 @@ def run_started_worker(main_func, args, launcher: str, rendezvous_timeout_s: flo
             "all processes were started, and that no other job uses the port; raise "
             "--rendezvous-timeout if nodes start far apart"
         ) from None
+    # torchrun keeps one store for all restarts of the worker group (its rendezvous store, shared by
+    # default), so an earlier attempt's keys, e.g. the addresses of dead processes, are still there
+    # and a new process group could read them before they are rewritten: key by attempt.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"acm_d2/attempt_{attempt}", store)
     # Collectives time out as under Detectron2's launch; the rendezvous has its own limit above.
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
