@@ -31,6 +31,8 @@ setup(
     extras_require={
         # ONNX export and its onnxruntime check (tools/export_model.py, tests/test_export.py)
         "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        # srun's environment and tools/submit_slurm.py (docs/cluster.md)
+        "cluster": ["submitit>=1.5"],
         # ruff pinned to a minor version: `make lint` checks formatting, which changes between versions
         "test": [
             "pytest>=7",
@@ -38,6 +40,7 @@ setup(
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.3",
+            "submitit>=1.5",  # tests/test_cluster.py
         ],
     },
 )

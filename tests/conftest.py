@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by the test files (they import them from here, never from each other)."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -172,6 +173,26 @@ def run_train_net(tiny_dataset, output_dir, *args, num_gpus=1, opts=()):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids(pid):
+    """The pids of the live (not zombie) processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry))
+    return children
 
 
 # the Trainer in-process

@@ -4,7 +4,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from acm_d2.data.synthetic import generate_dataset
-from conftest import run_train_net, train_net_command
+from conftest import child_pids, free_port, run_train_net, train_net_command
 
 # Runs train_net with torch.save slowed down at its PAUSE_AT-th call: it writes half of the bytes,
 # says so, and sleeps, so that the test can kill -9 the process in the middle of writing a checkpoint.
@@ -116,12 +115,6 @@ def test_kill_9_while_saving_and_while_training_then_resume(tiny_dataset, tmp_pa
     assert_checkpoints_complete(out)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Sampling that takes every anchor and proposal (so that which images a process draws random numbers
 # for does not matter) and exactly 10 proposals + 1 ground truth per image.
 ALL_SAMPLES = [
@@ -207,20 +200,6 @@ def test_two_machines_match_one_process_and_evaluate_alike(tmp_path_factory, tmp
     )
     for task in ("bbox", "segm"):
         assert copypaste_ap(log, task) == copypaste_ap(log_eval, task)
-
-
-def child_pids(pid):
-    """The pids of the live (not zombie) processes whose parent is `pid` (Linux /proc)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.append(int(entry))
-    return children
 
 
 def alive(pid):

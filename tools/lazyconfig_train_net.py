@@ -28,10 +28,11 @@ import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, al
 from acm_d2.checkpoint.checkpointer import AtomicCheckpointer
 from acm_d2.engine import (
     ExactResumeHook,
+    PreemptionCheckpointer,
     argument_parser,
     build_step_trainer,
     create_ddp_model_any_device,
-    launch,
+    launch_from_args,
     load_weights_for_evaluation,
     register_datasets,
     setup_lazy,
@@ -83,6 +84,7 @@ def train(cfg, resume: bool):
             )
             if main_process
             else None,
+            PreemptionCheckpointer(checkpointer),
         ]
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
@@ -106,14 +108,7 @@ def main(args):
 def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)
 
 
 if __name__ == "__main__":

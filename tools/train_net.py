@@ -13,7 +13,7 @@ import acm_d2  # noqa: F401  (registers the backbones and meta-architectures, al
 from acm_d2.engine import (
     Trainer,
     argument_parser,
-    launch,
+    launch_from_args,
     load_weights_for_evaluation,
     register_datasets,
     setup,
@@ -38,14 +38,7 @@ def main(args):
 def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from ..config import load_config
 from ..data.datasets import register_coco_dataset
 from ..data.validate import AUTO_CHECK_MAX_IMAGES
 from ..utils.device import runnable_device
+from .cluster import DEFAULT_RENDEZVOUS_TIMEOUT_S
 from .output_lock import lock_output_dir_on_main_process
 
 __all__ = [
@@ -29,8 +30,18 @@ __all__ = [
 
 def argument_parser(epilog=None):
     """Detectron2's default_argument_parser plus `--coco-dataset NAME JSON IMAGE_ROOT` (repeatable),
-    `--trust-checkpoint` and `--allow-random-weights`."""
+    `--trust-checkpoint`, `--allow-random-weights` and `--rendezvous-timeout`; `--num-gpus` defaults to
+    None (one process), so that launch_from_args can refuse it under torchrun."""
     parser = default_argument_parser(epilog)
+    parser.set_defaults(num_gpus=None)
+    parser.add_argument(
+        "--rendezvous-timeout",
+        type=float,
+        default=DEFAULT_RENDEZVOUS_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun or srun: how long a process waits for the others at the rendezvous "
+        "(MASTER_ADDR:MASTER_PORT) before it fails naming them",
+    )
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
     parser.add_argument(
         "--allow-random-weights",

@@ -28,6 +28,7 @@ from ..data.mapper import DatasetMapper, instance_mask_format
 from ..data.stream import ResumableTrainStream, build_resumable_train_loader
 from ..modeling.checks import check_context_keys, check_num_classes
 from .output_lock import lock_output_dir_on_main_process
+from .preemption import PreemptionCheckpointer
 from .resume import ExactResumeHook
 
 __all__ = [
@@ -122,9 +123,12 @@ class RanksInSyncCheck(HookBase):
 
 def create_ddp_model_any_device(model, **kwargs):
     """Detectron2's create_ddp_model (DDP when there are several processes, else the model itself), with
-    `device_ids` only for a GPU model: PyTorch refuses them for a model on the CPU (gloo)."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return create_ddp_model(model, device_ids=None if on_cpu else [comm.get_local_rank()], **kwargs)
+    `device_ids` only for a GPU model: PyTorch refuses them for a model on the CPU (gloo). The GPU is the
+    model's own, not the local rank's: under srun a task may see only the one GPU bound to it."""
+    device = next(model.parameters()).device
+    return create_ddp_model(
+        model, device_ids=None if device.type == "cpu" else [device.index], **kwargs
+    )
 
 
 class Trainer(DefaultTrainer):
@@ -142,7 +146,9 @@ class Trainer(DefaultTrainer):
     * OUTPUT_DIR locked for this run (acm_d2.engine.output_lock), so that only this run cleans up
       temporary files there;
     * a resumed run that had finished all its iterations but was killed while writing model_final.pth
-      writes it.
+      writes it;
+    * SIGUSR1 / SIGTERM stop it at the next iteration boundary with a checkpoint and exit status 75, to
+      be requeued (acm_d2.engine.preemption).
     """
 
     def __init__(self, cfg):
@@ -216,7 +222,12 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
     def build_hooks(self):
-        return [self._resume_hook, *super().build_hooks(), RanksInSyncCheck()]
+        return [
+            self._resume_hook,
+            *super().build_hooks(),
+            RanksInSyncCheck(),
+            PreemptionCheckpointer(),
+        ]
 
     def resume_or_load(self, resume=True):
         if resume and comm.is_main_process():
