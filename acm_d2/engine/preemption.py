@@ -4,7 +4,8 @@ SLURM warns a job before its time limit with the signal of `--signal` (SIGUSR1 h
 use submitit's, SIGUSR2 by default) and stops a preempted or cancelled job with SIGTERM; torchrun
 forwards SIGTERM to its workers. On any of these, PreemptionCheckpointer lets the current iteration
 finish; then every rank agrees to stop after the same iteration on the same signal (one all-reduce
-of the signal number per step, so a signal that reached one rank stops all), the main process writes `model_<iteration>.pth` atomically (acm_d2.checkpoint.checkpointer) and every
+of the signal number per step over a CPU (gloo) group, so a signal that reached one rank stops all,
+without a GPU-to-host sync), the main process writes `model_<iteration>.pth` atomically (acm_d2.checkpoint.checkpointer) and every
 rank waits for it, and training ends with Preempted: the process exits with PREEMPTED_EXIT_CODE and the
 next `--resume` (automatic after a SLURM requeue or a torchelastic restart) continues exactly.
 
@@ -69,6 +70,7 @@ class PreemptionCheckpointer(HookBase):
         self._previous = {}  # signal -> the handler this hook replaced
         self._received = None  # the first signal received
         self._stopping = False
+        self._group = None  # the process group of the per-step agreement (None: the default group)
 
     # ---- signals -----------------------------------------------------------------------------------
     def _handle(self, signum, frame):
@@ -82,6 +84,11 @@ class PreemptionCheckpointer(HookBase):
             )
 
     def before_train(self):
+        # Every rank runs this, in the same order, as new_group needs. Over NCCL the agreement would be a
+        # GPU-to-host sync each step (the host waiting for the optimizer step before it can queue the
+        # next iteration); a gloo group keeps it on the CPU, as Detectron2 keeps its metric gathers.
+        if comm.get_world_size() > 1 and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
         if threading.current_thread() is not threading.main_thread():
             logger.warning("Training runs outside the main thread: preemption signals not handled")
             return
@@ -103,13 +110,8 @@ class PreemptionCheckpointer(HookBase):
         ranks received different ones), or None."""
         received = self._received or 0
         if comm.get_world_size() > 1:
-            device = (
-                torch.device("cuda", torch.cuda.current_device())
-                if dist.get_backend() == "nccl"
-                else torch.device("cpu")
-            )
-            flag = torch.tensor([received], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            flag = torch.tensor([received])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
             received = int(flag.item())
         return signal.Signals(received) if received else None
 
