@@ -42,12 +42,10 @@ def argument_parser(epilog=None):
         help="under torchrun or srun: how long a process waits for the others at the rendezvous "
         "(MASTER_ADDR:MASTER_PORT) before it fails naming them",
     )
-    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
-    parser.add_argument(
-        "--allow-random-weights",
-        action="store_true",
-        help="with --eval-only: evaluate even without weights, or with weights that leave parameters at their "
-        "random initialisation (e.g. to time the pipeline); refused by default",
+    add_inference_weights_arguments(
+        parser,
+        random_weights_help="with --eval-only: evaluate even without weights, or with weights that leave "
+        "parameters at their random initialisation (e.g. to time the pipeline); refused by default",
     )
     parser.add_argument(
         "--coco-dataset",
@@ -127,15 +125,15 @@ def load_weights_for_evaluation(
     checkpointer.resume_or_load(weights, resume=args.resume)
 
 
-def add_inference_weights_arguments(parser) -> None:
-    """predict's and export's `--trust-checkpoint` and `--allow-random-weights`, as --eval-only has them."""
+def add_inference_weights_arguments(
+    parser,
+    random_weights_help="run without MODEL.WEIGHTS, or with weights that leave parameters at their random "
+    "initialisation (a baseline checkpoint under an ACM config, another NUM_CLASSES); refused by default",
+) -> None:
+    """`--trust-checkpoint` and `--allow-random-weights`: train_net's (for --eval-only), predict's and
+    export's, one definition for all three."""
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_FLAG_HELP)
-    parser.add_argument(
-        "--allow-random-weights",
-        action="store_true",
-        help="run without MODEL.WEIGHTS, or with weights that leave parameters at their random "
-        "initialisation (a baseline checkpoint under an ACM config, another NUM_CLASSES); refused by default",
-    )
+    parser.add_argument("--allow-random-weights", action="store_true", help=random_weights_help)
 
 
 def load_weights_for_inference(model, weights: str, args, weights_key="MODEL.WEIGHTS") -> None:
